@@ -1,0 +1,52 @@
+# The two commands of the README:
+#   make book   builds the HTML book into _build/html, executing every chapter (cached)
+#   make test   runs every test: library, notebooks (nbval, strict), the built pages in Chromium
+# Each installs what it needs into .venv (Python) and book_static/ (MathJax, widget scripts).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+JB     := $(BIN)/jupyter-book build . -W -n --keep-going
+NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
+
+.PHONY: book test install assets browser unit notebooks html outputs bench clean
+
+book: install assets
+	$(JB)
+
+test: install assets browser
+	$(BIN)/python -m pytest tests chapters --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# MathJax and the ipywidgets scripts, served from the book itself so pages
+# render with no internet. Kept out of _static/ (see TOOLCHAIN.md).
+assets: book_static/.installed
+book_static/.installed: Makefile
+	rm -rf book_static && mkdir -p book_static/npm
+	npm install --no-audit --no-fund --silent --prefix book_static/npm $(NPM_PACKAGES)
+	cp book_static/npm/node_modules/mathjax/es5/tex-svg-full.js book_static/mathjax.js
+	cp book_static/npm/node_modules/requirejs/require.js book_static/require.js
+	cp book_static/npm/node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js book_static/embed-amd.js
+	rm -rf book_static/npm
+	touch $@
+
+# headless Chromium, for the tests that look at built pages
+browser:
+	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
+
+# Re-execute chapters and save their outputs (and widget state) into the notebooks:
+#   make outputs                       every chapter
+#   make outputs NB=chapters/03_*.ipynb one chapter
+NB ?= chapters/[0-9]*.ipynb
+outputs: install
+	$(BIN)/python scripts/execute_notebooks.py $(NB)
+
+clean:
+	rm -rf _build .jupyter_cache
