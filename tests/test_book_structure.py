@@ -1,0 +1,70 @@
+"""The book's structure: the table of contents matches the syllabus plan, and
+every chapter notebook is saved in a state the book, nbval and Colab can use."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+# The chapter plan of the syllabus: (part caption prefix, chapter files).
+PLAN = {
+    "Part I.": ["01_seq2seq_rnn", "02_attention_with_rnns"],
+    "Part II.": ["03_scaled_dot_product_attention", "04_query_key_value", "05_multi_head_attention",
+                 "06_transformer", "07_positional_encoding", "08_residuals_and_layer_norm"],
+    "Part III.": ["09_gpt_and_bert", "10_tokens_and_embeddings", "11_gpt_from_scratch",
+                  "12_gpt3_on_a_napkin", "13_decoding_and_kv_cache"],
+    "Part IV.": ["14_talking_to_chatgpt", "15_chatgpt_api", "16_plugins_and_tools"],
+}
+
+
+def test_toc_follows_the_syllabus_plan():
+    parts = [p for p in TOC["parts"] if p["caption"].startswith("Part")]
+    assert [p["caption"].split()[0] + " " + p["caption"].split()[1] for p in parts] == list(PLAN)
+    for part, (prefix, files) in zip(parts, PLAN.items()):
+        assert [c["file"] for c in part["chapters"]] == [f"chapters/{f}" for f in files], prefix
+
+
+def test_every_toc_entry_is_exactly_one_page():
+    for part in TOC["parts"]:
+        for chapter in part["chapters"]:
+            found = [p for p in (ROOT / f"{chapter['file']}.ipynb", ROOT / f"{chapter['file']}.md")
+                     if p.exists()]
+            assert len(found) == 1, f"{chapter['file']}: expected one .ipynb or .md page, found {found}"
+
+
+def test_placeholders_say_they_are_planned():
+    for page in sorted((ROOT / "chapters").glob("*.md")):
+        title = page.read_text().splitlines()[0]
+        assert title.startswith("# ") and title.endswith("(planned)"), page.name
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {c["file"] for p in TOC["parts"] for c in p["chapters"]}
+    for nb in NOTEBOOKS:
+        assert f"chapters/{nb.stem}" in listed, f"{nb.name} is not in _toc.yml"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_saved_ready(path):
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    # saved with outputs, in order, with no error
+    counts = [c["execution_count"] for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"not executed top to bottom: {counts}"
+    for c in code:
+        for out in c["outputs"]:
+            assert out["output_type"] != "error", f"error output saved: {out.get('ename')}"
+    # the first code cell installs gptcourse only when missing, from the book's repository
+    first = "".join(code[0]["source"])
+    assert 'find_spec("gptcourse") is None' in first
+    assert f"git+{CONFIG['repository']['url']}" in first
+    assert "pick_device()" in first
+    # seeded
+    assert re.search(r"seed_everything\(\d+\)|manual_seed\(\d+\)", first)
