@@ -50,3 +50,7 @@ outputs: install
 
 clean:
 	rm -rf _build .jupyter_cache
+
+# Speed of the core, as ratios measured side by side (not part of `make test`).
+bench: install
+	$(BIN)/python benchmarks/bench_core.py

@@ -32,7 +32,8 @@ def top_p_filter(logits, p):
     probs = torch.softmax(sorted_logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     mass_before = torch.cumsum(probs, dim=-1) - probs                  # mass ranked above
     # "reach p" up to rounding: 0.5 + 0.3 may come out as 0.7999999999999999 < 0.8
-    drop_sorted = mass_before >= p - 16 * torch.finfo(probs.dtype).eps
+    drop_sorted = mass_before >= p * (1 - 16 * torch.finfo(probs.dtype).eps)
+    drop_sorted[..., 0] = False                                        # even when p underflows
     drop = drop_sorted.scatter(-1, order, drop_sorted)                 # back to vocab order
     return logits.masked_fill(drop, float("-inf"))
 

@@ -119,6 +119,31 @@ def test_sdpa_fully_blocked_row_gives_zeros_like_pytorch():
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
 
 
+def test_sdpa_fully_blocked_row_has_finite_gradients():
+    q, k, v = (randn(2, 4, 3, seed=i).requires_grad_() for i in (1, 2, 3))
+    mask = torch.ones(2, 4, 4, dtype=torch.bool)
+    mask[0, 1] = False
+    out, _ = scaled_dot_product_attention(q, k, v, mask)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[0, 1] == 0).all()  # the blocked query influences nothing
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_mha_fully_blocked_query_outputs_the_bias(fast):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2, fast=fast)
+    x = torch.randn(2, 4, 8)
+    mask = torch.ones(2, 4, 4, dtype=torch.bool)
+    mask[0, 1] = False
+    out = mha(x, mask=mask)
+    # zero attention output, so only W^O's bias remains
+    torch.testing.assert_close(out[0, 1], mha.w_o.bias, rtol=0, atol=1e-7)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in mha.parameters())
+
+
 def test_sdpa_hand_worked_example():
     # d_k = 2, so scores are q.k / sqrt(2)
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=DT)

@@ -15,6 +15,16 @@ from gptcourse.attention import causal_mask
 from gptcourse.gpt import PRESETS, GPT, Block, GPTConfig, count_params
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every
+    multi-threaded op waits for a descheduled thread: 30x slower. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small(**kw):
     cfg = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=16)
     cfg.update(kw)
@@ -110,8 +120,8 @@ def test_blocks_are_about_12_L_C_squared(name):
     cfg = GPTConfig.from_name(name)
     per_block = count_params(replace(cfg, n_layer=2)) - count_params(replace(cfg, n_layer=1))
     approx = 12 * cfg.n_embd ** 2
-    # exactly 12 C^2 + 13 C (biases) + 4 C (two LayerNorms)
-    assert per_block == approx + 17 * cfg.n_embd
+    # exactly 12 C^2 + 9 C (biases: 4 C attention, 4 C + C MLP) + 4 C (two LayerNorms)
+    assert per_block == approx + 13 * cfg.n_embd
     assert abs(cfg.n_layer * per_block / (cfg.n_layer * approx) - 1) < 0.01
 
 
@@ -119,7 +129,7 @@ def test_blocks_of_a_real_model_are_about_12_L_C_squared():
     cfg = small(n_layer=3, n_head=4, n_embd=256, vocab_size=11)
     model = GPT(cfg)
     in_blocks = sum(p.numel() for p in model.blocks.parameters())
-    assert in_blocks == 3 * (12 * 256 ** 2 + 17 * 256)
+    assert in_blocks == 3 * (12 * 256 ** 2 + 13 * 256)
     assert abs(in_blocks / (12 * 3 * 256 ** 2) - 1) < 0.01
 
 
@@ -257,8 +267,11 @@ def test_forward_with_caches_beyond_block_size_raises():
 def gen_model():
     torch.manual_seed(0)
     model = GPT(small(block_size=16, vocab_size=23, n_embd=32, n_head=4)).double()
-    with torch.no_grad():  # a less uniform model than the 0.02 init, so tokens vary
-        model.wte.weight.normal_(std=0.5)
+    with torch.no_grad():  # far from the 0.02 init, so greedy tokens vary and sampling is not flat
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.5)
+        model.wte.weight.normal_(std=0.3)
     return model
 
 

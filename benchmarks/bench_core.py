@@ -1,0 +1,80 @@
+"""Speed of the library's core, measured side by side in one run (ratios, not
+absolute times: single timings drift 10-20% on a shared machine).
+
+    make bench                # or: python benchmarks/bench_core.py [--device cuda]
+
+1. KV-cache generation vs recomputing the whole context at every step
+   (the same greedy tokens are checked first).
+2. Fused attention (F.scaled_dot_product_attention) vs the explicit
+   softmax(QK^T / sqrt(d)) V, causal, forward + backward.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from gptcourse import attention
+from gptcourse.gpt import GPT, GPTConfig
+from gptcourse.train import pick_device
+
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_generation(device, new_tokens=192, repeats=3):
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=103)
+    model = GPT(config).to(device).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 8), device=device)
+    cached = model.generate(prompt, new_tokens, temperature=0, use_cache=True)
+    full = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    assert torch.equal(cached, full), "KV-cache generation differs from recomputation"
+    t_cache = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=True), device, repeats)
+    t_full = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=False), device, repeats)
+    print(f"generation, {config.n_layer} layers, d={config.n_embd}, {new_tokens} new tokens, batch 1 "
+          f"(same tokens: True)")
+    print(f"  recompute : {new_tokens / t_full:8.0f} tokens/s")
+    print(f"  KV cache  : {new_tokens / t_cache:8.0f} tokens/s   speed-up x{t_full / t_cache:.2f}")
+
+
+def bench_attention(device, repeats=20):
+    print("causal attention fwd+bwd, B=12, H=4, head 32: fused vs explicit")
+    for T in (64, 128, 256):
+        g = torch.Generator().manual_seed(T)
+        q, k, v = (torch.randn(12, 4, T, 32, generator=g).to(device).requires_grad_() for _ in range(3))
+        mask = attention.causal_mask(T, device=device)
+
+        def explicit():
+            out, _ = attention.scaled_dot_product_attention(q, k, v, mask)
+            out.sum().backward()
+
+        def fused():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.sum().backward()
+
+        t_explicit, t_fused = timed(explicit, device, repeats), timed(fused, device, repeats)
+        print(f"  T={T:4d}: explicit {t_explicit * 1e3:7.2f} ms, fused {t_fused * 1e3:7.2f} ms, "
+              f"fused is x{t_explicit / t_fused:.2f} faster")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    bench_generation(device)
+    bench_attention(device)

@@ -1,0 +1,179 @@
+"""Sampling: top-k / top-p on hand-worked examples, greedy = argmax, and the
+empirical distribution of many samples against the softmax."""
+import math
+
+import pytest
+import torch
+
+from gptcourse.sampling import sample_next, top_k_filter, top_p_filter
+
+NEG = float("-inf")
+
+
+def kept(filtered):
+    return torch.isfinite(filtered).int().tolist()
+
+
+# ---------------------------------------------------------------- top-k
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.5, -1.0, 2.0, 7.0, 0.0]])
+    out = top_k_filter(logits, 2)
+    assert out.tolist() == [[NEG, 5.0, NEG, 4.0, NEG], [NEG, NEG, 2.0, 7.0, NEG]]
+    assert kept(top_k_filter(logits, 1)) == [[0, 1, 0, 0, 0], [0, 0, 0, 1, 0]]
+    assert kept(top_k_filter(logits, 3)) == [[0, 1, 1, 1, 0], [1, 0, 1, 1, 0]]
+    assert torch.equal(top_k_filter(logits, 5), logits)
+    assert torch.equal(top_k_filter(logits, 100), logits)  # k > V keeps all
+    assert logits[0, 0] == 1.0  # input untouched
+
+
+def test_top_k_keeps_ties():
+    assert kept(top_k_filter(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), 1)) == [[0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.0, None])
+def test_top_k_bad(k):
+    with pytest.raises(ValueError, match=f"top_k must be a positive integer, got {k!r}"):
+        top_k_filter(torch.zeros(1, 3), k)
+
+
+# ---------------------------------------------------------------- top-p
+
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 0, 2, 1], [2, 3, 1, 0]])
+@pytest.mark.parametrize("p,n_kept", [
+    (0.8, 2),    # mass before the 3rd is 0.5 + 0.3 = 0.8: it already reaches p -> dropped
+    (0.81, 3),   # 0.8 < 0.81: the 3rd (which crosses p) is kept
+    (0.5, 1),    # the first alone reaches 0.5
+    (0.3, 1),    # the most likely token is always kept
+    (0.95, 3),   # 0.5 + 0.3 + 0.15 = 0.95 reaches p
+    (0.96, 4),
+    (1.0, 4),    # everything
+])
+def test_top_p_hand_examples(p, n_kept, order, dtype):
+    probs = torch.tensor(PROBS, dtype=dtype)[order]
+    logits = probs.log()[None]
+    out = top_p_filter(logits, p)
+    expected = [1 if PROBS.index(PROBS[i]) < n_kept else 0 for i in order]
+    assert kept(out) == [expected]
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # kept logits unchanged
+
+
+def test_top_p_rows_independent_and_shift_invariant():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]).log() + torch.tensor([[3.0], [-7.0]])
+    assert kept(top_p_filter(logits, 0.8)) == [[1, 1, 0, 0], [0, 0, 1, 1]]
+
+
+def test_top_p_one_keeps_everything_in_a_large_peaked_vocab():
+    torch.manual_seed(0)
+    logits = 8 * torch.randn(4, 50257)  # most tokens have probability far below float32 eps
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_top_p_keeps_the_smallest_nucleus_on_a_random_row():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 1000, dtype=torch.float64)
+    for p in (0.1, 0.5, 0.9, 0.99):
+        out = top_p_filter(logits, p)
+        # independent: sort in Python, add probabilities until p is reached
+        probs = torch.softmax(logits[0], -1).tolist()
+        ranked = sorted(range(1000), key=lambda i: -probs[i])
+        total, nucleus = 0.0, set()
+        for i in ranked:
+            nucleus.add(i)
+            total += probs[i]
+            if total >= p:
+                break
+        assert set(torch.isfinite(out[0]).nonzero().flatten().tolist()) == nucleus
+
+
+def test_top_p_tiny_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9]])
+    for p in (1e-3, 1e-6, 1e-12, 1e-300):
+        assert kept(top_p_filter(logits, p)) == [[0, 1, 0, 0]]
+        assert kept(top_p_filter(logits.double(), p)) == [[0, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("p", [0, 0.0, -0.1, 1.01, 2])
+def test_top_p_bad(p):
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got"):
+        top_p_filter(torch.zeros(1, 3), p)
+
+
+# ---------------------------------------------------------------- sample_next
+
+
+def test_temperature_zero_is_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1, keepdim=True))
+    assert sample_next(logits, 0).shape == (6, 1)
+    # top_k=1 is greedy at any temperature
+    assert torch.equal(sample_next(logits, 1.5, top_k=1), logits.argmax(-1, keepdim=True))
+    # a tiny top_p keeps only the most likely token
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), logits.argmax(-1, keepdim=True))
+
+
+def test_sample_next_reproducible_with_generator():
+    logits = torch.randn(8, 50)
+    a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    c = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.long and a.shape == (8, 1)
+
+
+def empirical(logits_row, n=20000, seed=0, **kwargs):
+    logits = logits_row.expand(n, -1)
+    ids = sample_next(logits, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return torch.bincount(ids.flatten(), minlength=logits_row.shape[-1]).double() / n
+
+
+def softmax_by_hand(xs):
+    z = sum(math.exp(x) for x in xs)
+    return torch.tensor([math.exp(x) / z for x in xs], dtype=torch.float64)
+
+
+ROW = [2.0, 1.0, 0.5, -1.0, 0.0]
+
+
+def test_samples_follow_softmax():
+    freq = empirical(torch.tensor([ROW]), temperature=1.0)
+    assert (freq - softmax_by_hand(ROW)).abs().max() < 0.02
+
+
+def test_samples_follow_tempered_softmax():
+    freq = empirical(torch.tensor([ROW]), temperature=2.0)
+    assert (freq - softmax_by_hand([x / 2 for x in ROW])).abs().max() < 0.02
+    freq = empirical(torch.tensor([ROW]), temperature=0.5)
+    assert (freq - softmax_by_hand([x / 0.5 for x in ROW])).abs().max() < 0.02
+
+
+def test_samples_after_top_k_and_top_p():
+    # top-k 3: renormalised over the 3 largest, never another token
+    freq = empirical(torch.tensor([ROW]), temperature=1.0, top_k=3)
+    expected = torch.cat([softmax_by_hand(ROW[:3]), torch.zeros(2, dtype=torch.float64)])
+    assert (freq[3:] == 0).all()
+    assert (freq - expected).abs().max() < 0.02
+    # top-p on probabilities [0.5, 0.3, 0.15, 0.05] at p = 0.8: only the first two, 5/8 and 3/8
+    freq = empirical(torch.tensor([PROBS]).log(), temperature=1.0, top_p=0.8)
+    assert (freq[2:] == 0).all()
+    assert (freq - torch.tensor([0.625, 0.375, 0, 0], dtype=torch.float64)).abs().max() < 0.02
+
+
+def test_sample_next_bad_args():
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, V\), got \(5,\)"):
+        sample_next(torch.zeros(5))
+    with pytest.raises(ValueError, match=r"got \(1, 2, 5\)"):
+        sample_next(torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        sample_next(torch.zeros(1, 5), temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next(torch.zeros(1, 5), top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(torch.zeros(1, 5), top_p=0)
