@@ -7,6 +7,7 @@ evaluation of train/val loss, a progress bar, and a history to plot.
 or "val"; ``loss_fn(model, *batch)`` turns it into a scalar loss (default:
 ``model(x, y)`` returning ``(logits, loss)``, as ``gptcourse.gpt.GPT`` does).
 """
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -60,6 +61,18 @@ def lm_batches(train_data, val_data, block_size, batch_size, seed=0, device="cpu
     return batches
 
 
+def learning_rate(step, steps, lr, warmup_steps=0, min_lr=None):
+    """The learning rate at step 1..steps: linear warm-up over warmup_steps,
+    then constant (min_lr=None) or a cosine decay that reaches min_lr at the
+    last step (as nanoGPT and GPT-3 do)."""
+    if step <= warmup_steps:
+        return lr * step / warmup_steps
+    if min_lr is None:
+        return lr
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)     # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
 def _default_loss(model, x, y):
     return model(x, y)[1]
 
@@ -71,6 +84,7 @@ class History:
     eval_steps: list = field(default_factory=list)    # steps at which we evaluated
     train_loss: list = field(default_factory=list)    # mean loss on eval_batches train batches
     val_loss: list = field(default_factory=list)      # ... and on val batches
+    lr: list = field(default_factory=list)            # learning rate of every step
 
 
 @torch.no_grad()
@@ -91,18 +105,22 @@ def estimate_loss(model, batches, loss_fn=_default_loss, eval_batches=20, device
     return out
 
 
-def train(model, batches, *, steps, lr=1e-3, loss_fn=_default_loss, weight_decay=0.1,
-          betas=(0.9, 0.99), grad_clip=1.0, eval_every=None, eval_batches=20,
+def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_fn=_default_loss,
+          weight_decay=0.1, betas=(0.9, 0.99), grad_clip=1.0, eval_every=None, eval_batches=20,
           device=None, seed=None, progress=True, desc="training"):
     """Train `model` in place with AdamW for `steps` steps; returns a History.
 
-    Weight decay applies to matrices only (not to biases, LayerNorm gains).
+    The learning rate follows `learning_rate` (warm-up, then constant or a
+    cosine decay to min_lr). Weight decay applies to matrices only (not to
+    biases, LayerNorm gains).
     Evaluates train/val loss at step 0, every `eval_every` steps and at the
     end. On a GPU it trains under bf16 autocast (fp16 with a grad scaler
     where bf16 is missing).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be an integer in 0..steps={steps}, got {warmup_steps!r}")
     if seed is not None:
         seed_everything(seed)
     device = pick_device(device)
@@ -127,6 +145,9 @@ def train(model, batches, *, steps, lr=1e-3, loss_fn=_default_loss, weight_decay
     evaluate(0)
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=0.5)
     for step in bar:
+        step_lr = learning_rate(step, steps, lr, warmup_steps, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
         batch = [t.to(device, non_blocking=True) for t in batches("train")]
         with ctx:
             loss = loss_fn(model, *batch)
@@ -144,6 +165,7 @@ def train(model, batches, *, steps, lr=1e-3, loss_fn=_default_loss, weight_decay
         else:
             optimizer.step()
         history.step_loss.append(loss.item())
+        history.lr.append(step_lr)
         if step % eval_every == 0 or step == steps:
             evaluate(step)
             bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")

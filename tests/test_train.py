@@ -19,6 +19,7 @@ from gptcourse.train import (  # noqa: E402
     History,
     autocast_for,
     estimate_loss,
+    learning_rate,
     lm_batches,
     pick_device,
     seed_everything,
@@ -137,6 +138,37 @@ def test_weight_decay_on_matrices_only():
             torch.testing.assert_close(p, before[name] * shrink, rtol=1e-6, atol=0, msg=name)
         else:
             assert torch.equal(p, before[name]), name
+
+
+def test_learning_rate_schedule_by_hand():
+    lr, min_lr = 1e-3, 1e-4
+    # linear warm-up over 10 steps: step 5 -> half the rate, step 10 -> full
+    assert learning_rate(5, 100, lr, warmup_steps=10) == pytest.approx(5e-4)
+    assert learning_rate(10, 100, lr, warmup_steps=10) == pytest.approx(lr)
+    assert learning_rate(70, 100, lr, warmup_steps=10) == pytest.approx(lr)   # constant after
+    # cosine from lr (end of warm-up) to min_lr (last step); halfway: the mean
+    assert learning_rate(55, 100, lr, 10, min_lr) == pytest.approx((lr + min_lr) / 2)
+    assert learning_rate(100, 100, lr, 10, min_lr) == pytest.approx(min_lr)
+    q = 10 + 90 * 0.25      # a quarter of the way: min + (1 + cos(pi/4)) / 2 * (lr - min)
+    assert learning_rate(q, 100, lr, 10, min_lr) == pytest.approx(
+        min_lr + (1 + math.sqrt(0.5)) / 2 * (lr - min_lr))
+
+
+def test_train_follows_the_schedule():
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    h = train(model, constant_batches, steps=20, lr=0.01, warmup_steps=4, min_lr=0.001,
+              weight_decay=0.5, loss_fn=zero_loss, eval_batches=1, device="cpu", progress=False)
+    # the optimizer used these rates: with zero gradients AdamW only decays,
+    # p <- p * (1 - lr_t * wd) at each step t
+    shrink = math.prod(1 - learning_rate(s, 20, 0.01, 4, 0.001) * 0.5 for s in range(1, 21))
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            torch.testing.assert_close(p, before[name] * shrink, rtol=1e-5, atol=0, msg=name)
+    assert h.lr == [learning_rate(s, 20, 0.01, 4, 0.001) for s in range(1, 21)]
+    assert h.lr[0] == pytest.approx(0.0025) and h.lr[-1] == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train(model, constant_batches, steps=5, warmup_steps=6, loss_fn=zero_loss, progress=False)
 
 
 def test_custom_loss_fn_fits_a_line():
