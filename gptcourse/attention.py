@@ -254,19 +254,22 @@ class AdditiveAttention(nn.Module):
         self.U = nn.Linear(key_dim, attn_dim, bias=False)
         self.v = nn.Linear(attn_dim, 1, bias=False)
 
-    def forward(self, s, h, mask=None):
+    def forward(self, s, h, mask=None, Uh=None):
         """s: (B, query_dim) decoder state s_{i-1}; h: (B, T, key_dim) annotations;
         mask: (B, T) bool, True = real position (may attend).
+        Uh: optional precomputed self.U(h) (B, T, attn_dim): it does not depend
+        on the decoder step, so a decoder computes it once per sentence.
         Returns (context c_i (B, key_dim), weights alpha_i (B, T))."""
         if s.dim() != 2 or h.dim() != 3 or s.shape[0] != h.shape[0]:
             raise ValueError(f"need s of shape (B, query_dim) and h of shape (B, T, key_dim), "
                              f"got s {tuple(s.shape)} and h {tuple(h.shape)}")
-        e = self.v(torch.tanh(self.W(s)[:, None, :] + self.U(h))).squeeze(-1)   # (B, T)
+        Uh = self.U(h) if Uh is None else Uh
+        e = self.v(torch.tanh(self.W(s)[:, None, :] + Uh)).squeeze(-1)          # (B, T)
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != e.shape:
                 raise ValueError(f"mask must be bool of shape {tuple(e.shape)} (B, T), "
                                  f"got {mask.dtype} {tuple(mask.shape)}")
             e = e.masked_fill(~mask, float("-inf"))
         alpha = torch.softmax(e, dim=-1)                                         # (B, T)
-        context = (alpha[:, :, None] * h).sum(dim=1)                             # (B, key_dim)
+        context = torch.bmm(alpha[:, None, :], h).squeeze(1)    # sum_j alpha_j h_j: (B, key_dim)
         return context, alpha

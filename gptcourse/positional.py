@@ -22,7 +22,7 @@ def sinusoidal_encoding(n_positions, d_model, base=10000):
 
     >>> sinusoidal_encoding(2, 4, base=100)
     tensor([[0.0000, 1.0000, 0.0000, 1.0000],
-            [0.8415, 0.5403, 0.1000, 0.9950]])
+            [0.8415, 0.5403, 0.0998, 0.9950]])
     """
     for name, value in (("n_positions", n_positions), ("d_model", d_model)):
         if not isinstance(value, int) or value < 1:

@@ -5,7 +5,8 @@ evaluation of train/val loss, a progress bar, and a history to plot.
 
 ``batches(split)`` returns one batch, a tuple of tensors, for split "train"
 or "val"; ``loss_fn(model, *batch)`` turns it into a scalar loss (default:
-``model(x, y)`` returning ``(logits, loss)``, as ``gptcourse.gpt.GPT`` does).
+``model(*batch)`` returning ``(logits, loss)``, as ``gptcourse.gpt.GPT`` and
+``gptcourse.rnn.Seq2Seq`` do).
 """
 import math
 import os
@@ -73,8 +74,10 @@ def learning_rate(step, steps, lr, warmup_steps=0, min_lr=None):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def _default_loss(model, x, y):
-    return model(x, y)[1]
+def _default_loss(model, *batch):
+    """The model returns (output, loss) given a whole batch, as GPT(x, y) and
+    Seq2Seq(src, src_lengths, tgt_in, tgt_out) do."""
+    return model(*batch)[1]
 
 
 @dataclass
