@@ -15,7 +15,7 @@ book: install assets
 	$(JB)
 
 test: install assets browser
-	$(BIN)/python -m pytest tests gptcourse chapters --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q
+	$(BIN)/python -m pytest tests gptcourse chapters exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt

@@ -1,0 +1,229 @@
+"""Write the exercise notebooks from one source: the student versions
+(exercises/NN_*.ipynb, stubs that raise NotImplementedError inside a marked
+YOUR CODE block) and the reference solutions (exercises/solutions/NN_*.ipynb,
+the same notebooks with the blocks filled in).
+
+    python scripts/make_exercises.py && make outputs NB="exercises/*.ipynb exercises/solutions/*.ipynb"
+
+Each graded function is followed by a check cell that calls
+gptcourse.grading.check, which prints PASS/FAIL per test, points and hints.
+"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "https://github.com/gptcourse/gptcourse"
+
+SETUP = f'''# Set-up: works here and in Colab. Installs gptcourse only when it is missing.
+import importlib.util, subprocess, sys
+if importlib.util.find_spec("gptcourse") is None:
+    url = "git+{REPO}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", url],
+                   check=True)
+
+import math
+import torch
+from gptcourse.grading import check'''
+
+HOW = """**How it works.** Fill in each block between `# YOUR CODE` and `# END`,
+run the cell, then run the check cell below it. The check tests your function
+on fresh random inputs of several shapes and dtypes and on edge cases, prints
+PASS or FAIL for each test with your points, and a hint when it recognises a
+usual mistake. Write the computation yourself with basic tensor operations:
+a function that calls the library's (or PyTorch's) ready-made version of the
+same thing earns no points."""
+
+# notebook -> (title, chapter stem, recap, [(check key, stub source, solution body)])
+# The stub source has a line "    raise NotImplementedError" that the solution replaces.
+NOTEBOOKS = {
+    "02_attention_with_rnns": ("Exercises 2: Bahdanau attention", "02_attention_with_rnns", r"""
+Recap. The alignment model scores how well the decoder state $s_{i-1}$ matches
+each annotation $h_j$: $e_{ij} = v^\top \tanh(W s_{i-1} + U h_j)$. The weights
+$\alpha_{ij} = \mathrm{softmax}_j(e_{ij})$ over the real (not padded) positions
+give the context $c_i = \sum_j \alpha_{ij} h_j$.""", [
+        ("additive_scores", '''def additive_scores(s, h, W, U, v):
+    """Bahdanau's alignment scores e_j = v^T tanh(W s + U h_j).
+
+    s: (B, d_s) decoder state; h: (B, T, d_h) annotations;
+    W: (A, d_s), U: (A, d_h), v: (A,). Returns e: (B, T).
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    return torch.tanh((s @ W.T)[:, None, :] + h @ U.T) @ v'''),
+        ("context_vector", '''def context_vector(e, h, mask):
+    """alpha = softmax over j of the scores e, only over the real positions
+    (mask True); c = sum_j alpha_j h_j.
+
+    e: (B, T); h: (B, T, d_h); mask: (B, T) bool.
+    Returns (c (B, d_h), alpha (B, T)).
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    alpha = torch.softmax(e.masked_fill(~mask, float("-inf")), dim=-1)
+    return (alpha[:, :, None] * h).sum(dim=1), alpha'''),
+    ]),
+    "03_scaled_dot_product_attention": ("Exercises 3: scaled dot-product attention",
+                                        "03_scaled_dot_product_attention", r"""
+Recap. $\mathrm{Attention}(Q, K, V) = \mathrm{softmax}(QK^\top / \sqrt{d_k})\,V$.
+A boolean mask says which keys each query may attend to (True = may attend);
+blocked scores become $-\infty$ before the softmax.""", [
+        ("sdpa", '''def scaled_dot_product_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d_k)) v.
+
+    q: (..., T_q, d_k), k: (..., T_k, d_k), v: (..., T_k, d_v);
+    mask: None or bool, broadcastable to (..., T_q, T_k), True = may attend.
+    Returns (output (..., T_q, d_v), weights (..., T_q, T_k)).
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return weights @ v, weights'''),
+        ("causal_mask", '''def causal_mask(T):
+    """The (T, T) bool mask of a decoder: query i may attend to keys j <= i."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    return torch.ones(T, T, dtype=torch.bool).tril()'''),
+    ]),
+    "05_multi_head_attention": ("Exercises 5: multi-head attention", "05_multi_head_attention", r"""
+Recap. With $h$ heads, the $d_\text{model}$ features of each position are cut
+into $h$ slices of $d_k = d_\text{model} / h$: each head attends with its own
+slice, and the heads' outputs are concatenated back.""", [
+        ("split_heads", '''def split_heads(x, n_heads):
+    """(B, T, C) -> (B, H, T, C // H): head h gets features h*d .. (h+1)*d - 1."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    B, T, C = x.shape
+    return x.view(B, T, n_heads, C // n_heads).transpose(1, 2)'''),
+        ("merge_heads", '''def merge_heads(x):
+    """(B, H, T, d) -> (B, T, H * d): the concatenation of the heads."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    B, H, T, d = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * d)'''),
+    ]),
+    "07_positional_encoding": ("Exercises 7: positional encoding", "07_positional_encoding", r"""
+Recap. $P(k, 2i) = \sin(k / n^{2i/d})$ and $P(k, 2i+1) = \cos(k / n^{2i/d})$ for
+position $k$, embedding size $d$, base $n$ and $0 \le i < d/2$.""", [
+        ("positional", '''def sinusoidal_encoding(n_positions, d_model, base=10000):
+    """The (n_positions, d_model) float32 matrix P of the formula above
+    (d_model is even)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    P = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    for k in range(n_positions):
+        for i in range(d_model // 2):
+            angle = k / base ** (2 * i / d_model)
+            P[k, 2 * i] = math.sin(angle)
+            P[k, 2 * i + 1] = math.cos(angle)
+    return P.float()'''),
+    ]),
+    "08_residuals_and_layer_norm": ("Exercises 8: layer normalisation", "08_residuals_and_layer_norm", r"""
+Recap. LayerNorm normalises each token over its features:
+$\mathrm{LN}(x) = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta$, with
+$\mu$ and $\sigma^2$ the mean and (biased) variance of the last axis.""", [
+        ("layer_norm", '''def layer_norm(x, gamma, beta, eps=1e-5):
+    """x: (..., C); gamma, beta: (C,). Returns (..., C)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return gamma * (x - mean) / torch.sqrt(var + eps) + beta'''),
+    ]),
+    "10_tokens_and_embeddings": ("Exercises 10: byte-pair encoding", "10_tokens_and_embeddings", r"""
+Recap. BPE training repeatedly finds the most frequent adjacent pair of
+tokens and replaces every occurrence of it, scanning left to right, by a new
+token id.""", [
+        ("bpe_merge", '''def merge_pair(ids, pair, new_id):
+    """Replace every occurrence of pair (a, b) in the list ids, left to right,
+    by new_id. merge_pair([1, 2, 3, 1, 2], (1, 2), 9) == [9, 3, 9]."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out'''),
+    ]),
+    "12_gpt3_on_a_napkin": ("Exercises 12: counting parameters", "12_gpt3_on_a_napkin", r"""
+Recap. A GPT-2/GPT-3 style model has a token embedding ($V \times d$), a learned
+position embedding ($\text{block} \times d$), and per block two LayerNorms, the
+attention projections $W^Q, W^K, W^V, W^O$ and an MLP $d \to 4d \to d$, all with
+biases; then a final LayerNorm. The output layer reuses the token embedding.""", [
+        ("count_params", '''def count_gpt_params(n_layer, n_embd, vocab_size, block_size):
+    """The number of parameters of that GPT (biases on, output tied)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    d = n_embd
+    block = 2 * (2 * d) + (4 * d * d + 4 * d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return vocab_size * d + block_size * d + n_layer * block + 2 * d'''),
+    ]),
+    "13_decoding_and_kv_cache": ("Exercises 13: decoding and the KV cache", "13_decoding_and_kv_cache", r"""
+Recap. Top-k keeps the $k$ largest logits; top-p keeps the smallest set of most
+likely tokens whose probabilities reach $p$; the rest become $-\infty$. A KV
+cache stores the keys and values of past positions so each new token only
+computes its own.""", [
+        ("top_k", '''def top_k_filter(logits, k):
+    """logits (B, V): keep the k largest of each row, set the others to -inf."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))'''),
+        ("top_p", '''def top_p_filter(logits, p):
+    """logits (B, V): keep the smallest set of most likely tokens whose
+    probabilities sum to at least p; set the others to -inf."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop = mass_before >= p
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))'''),
+        ("kv_cache", '''def kv_cache_update(cache_k, cache_v, k_new, v_new):
+    """Append this step's keys and values (B, H, T_new, d) to the cached ones
+    (B, H, T, d). Returns (keys, values), each (B, H, T + T_new, d)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    return torch.cat([cache_k, k_new], dim=-2), torch.cat([cache_v, v_new], dim=-2)'''),
+    ]),
+}
+
+
+def chapter_link(stem):
+    path = "ipynb" if (ROOT / "chapters" / f"{stem}.ipynb").exists() else "md"
+    return f"[the chapter](../chapters/{stem}.{path})"
+
+
+def build(name, solutions):
+    title, chapter, recap, items = NOTEBOOKS[name]
+    cells = [new_markdown_cell(f"# {title}\n\n{recap.strip()}\n\nSee {chapter_link(chapter)} "
+                               f"for the full story.\n\n{HOW}"),
+             new_code_cell(SETUP)]
+    for key, stub, solution in items:
+        source = stub.replace("    raise NotImplementedError", solution) if solutions else stub
+        cells.append(new_code_cell(source))
+        cells.append(new_code_cell(f'check("{key}", {stub.split("(")[0][4:]})'))
+    return new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"}})
+
+
+def main():
+    for name in NOTEBOOKS:
+        for solutions, folder in ((False, ROOT / "exercises"), (True, ROOT / "exercises" / "solutions")):
+            folder.mkdir(parents=True, exist_ok=True)
+            nbformat.write(build(name, solutions), folder / f"{name}.ipynb")
+    print(f"wrote {len(NOTEBOOKS)} exercise notebooks and their solutions")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""The grader against deliberately wrong submissions: each usual mistake
+earns its exact grade and its hint, cheating earns zero, and broken code
+never breaks the grader, through check() and through batch grading.
+
+Wrong submissions are written here the way a student would write them, not
+taken from the grader's own list of mistakes."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptcourse import exercises, grading
+from gptcourse.exercises import EXERCISES
+from gptcourse.grading import grade
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (11, 2024, 777)          # every exact grade must hold for each of these inputs
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_exercises import NOTEBOOKS  # noqa: E402
+
+
+def solution_functions():
+    """The reference solutions of the exercise notebooks, as a student would define them."""
+    namespace = {"torch": torch, "math": math}
+    for _, _, _, items in NOTEBOOKS.values():
+        for _, stub, solution in items:
+            exec(stub.replace("    raise NotImplementedError", solution), namespace)
+    return namespace
+
+
+SOLUTIONS = solution_functions()
+
+
+def points(key, fn, seed):
+    return grade(key, fn, seed=seed)
+
+
+# --- wrong submissions, one per usual mistake ---------------------------------
+
+def sdpa_no_scale(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, -1)
+    return w @ v, w
+
+
+def sdpa_scale_dk(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1) / q.shape[-1]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, -1)
+    return w @ v, w
+
+
+def sdpa_wrong_axis(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, dim=1 if q.dim() == 3 else 2)        # over the queries
+    return w @ v, w
+
+
+def sdpa_mask_after(q, k, v, mask=None):
+    w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1)
+    if mask is not None:
+        w = w * mask
+    return w @ v, w
+
+
+def sdpa_mask_inverted(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    w = torch.softmax(s, -1)
+    return w @ v, w
+
+
+def pe_swapped(n, d, base=10000):
+    P = torch.zeros(n, d)
+    for k in range(n):
+        for i in range(d // 2):
+            P[k, 2 * i] = math.cos(k / base ** (2 * i / d))
+            P[k, 2 * i + 1] = math.sin(k / base ** (2 * i / d))
+    return P
+
+
+def pe_i_over_d(n, d, base=10000):
+    P = torch.zeros(n, d)
+    for k in range(n):
+        for i in range(d // 2):
+            P[k, 2 * i] = math.sin(k / base ** (i / d))
+            P[k, 2 * i + 1] = math.cos(k / base ** (i / d))
+    return P
+
+
+def pe_multiply(n, d, base=10000):
+    P = torch.zeros(n, d)
+    for k in range(n):
+        for i in range(d // 2):
+            P[k, 2 * i] = math.sin(k * base ** (2 * i / d))
+            P[k, 2 * i + 1] = math.cos(k * base ** (2 * i / d))
+    return P
+
+
+def ln_unbiased(x, gamma, beta, eps=1e-5):
+    return gamma * (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) + beta
+
+
+def ln_batch_axis(x, gamma, beta, eps=1e-5):
+    m, v = x.mean(0, keepdim=True), x.var(0, keepdim=True, unbiased=False)
+    return gamma * (x - m) / torch.sqrt(v + eps) + beta
+
+
+def ln_eps_outside(x, gamma, beta, eps=1e-5):
+    m = x.mean(-1, keepdim=True)
+    return gamma * (x - m) / (((x - m) ** 2).mean(-1, keepdim=True).sqrt() + eps) + beta
+
+
+def merge_first_only(ids, pair, new_id):
+    for i in range(len(ids) - 1):
+        if (ids[i], ids[i + 1]) == tuple(pair):
+            return ids[:i] + [new_id] + ids[i + 2:]
+    return list(ids)
+
+
+def merge_right_to_left(ids, pair, new_id):
+    out, i = [], len(ids) - 1
+    while i >= 0:
+        if i > 0 and (ids[i - 1], ids[i]) == tuple(pair):
+            out.append(new_id)
+            i -= 2
+        else:
+            out.append(ids[i])
+            i -= 1
+    return out[::-1]
+
+
+def count_no_positions(L, d, V, block):
+    return V * d + L * (12 * d * d + 13 * d) + 2 * d
+
+
+def count_untied(L, d, V, block):
+    return 2 * V * d + block * d + L * (12 * d * d + 13 * d) + 2 * d
+
+
+def count_12LC2(L, d, V, block):
+    return 12 * L * d * d + V * d
+
+
+def top_k_drops_kth(logits, k):
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits <= kth, float("-inf"))
+
+
+def top_p_off_by_one(logits, p):
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.cumsum(torch.softmax(sorted_logits, -1), -1)
+    drop = cum > p
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+WRONG = [
+    # (exercise, submission, exact points, a words of the hint it must earn)
+    ("additive_scores", lambda s, h, W, U, v: ((s @ W.T)[:, None] + h @ U.T) @ v, 0, "tanh"),
+    ("context_vector", lambda e, h, m: ((h * m[..., None]).sum(1) / m.sum(1, keepdim=True),
+                                        m / m.sum(1, keepdim=True)), 1, "plain average"),
+    ("context_vector", lambda e, h, m: ((torch.softmax(e, -1)[..., None] * h).sum(1),
+                                        torch.softmax(e, -1)), 0, "Padding positions"),
+    ("sdpa", sdpa_no_scale, 2, "by sqrt(d_k) before"),
+    ("sdpa", sdpa_scale_dk, 2, "not by d_k"),
+    ("sdpa", sdpa_wrong_axis, 1, "over the keys"),
+    ("sdpa", sdpa_mask_after, 3, "BEFORE the softmax"),
+    ("sdpa", sdpa_mask_inverted, 3, "inverted"),
+    ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(), 0, "BELOW the diagonal"),
+    ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1), 0, "keep the diagonal"),
+    ("causal_mask", lambda T: torch.ones(T, T).tril(), 0, "bool tensor"),
+    ("split_heads", lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1), 1, "swap the T and H"),
+    ("merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), 1, "transpose(1, 2)"),
+    ("positional", pe_swapped, 0, "look swapped"),
+    ("positional", pe_i_over_d, 0, "n^(2i/d), not n^(i/d)"),
+    ("positional", pe_multiply, 0, "not k * n^(2i/d)"),
+    ("layer_norm", ln_unbiased, 0, "biased variance"),
+    ("layer_norm", ln_batch_axis, 0, "not over the batch"),
+    ("layer_norm", ln_eps_outside, 1, "inside the square root"),
+    ("bpe_merge", merge_first_only, 2, "EVERY occurrence"),
+    ("bpe_merge", merge_right_to_left, 3, "left to right"),
+    ("count_params", count_no_positions, 0, "position embeddings"),
+    ("count_params", count_untied, 0, "count it once"),
+    ("count_params", count_12LC2, 0, "only the blocks' matrices"),
+    ("top_k", top_k_drops_kth, 0, "the k-th largest itself"),
+    ("top_p", top_p_off_by_one, None, "cumulative probability cross p"),       # None: see the test
+    ("kv_cache", lambda ck, cv, kn, vn: (torch.cat([kn, ck], -2), torch.cat([vn, cv], -2)), 0, "AFTER"),
+]
+
+
+@pytest.mark.parametrize("key", list(EXERCISES))
+def test_reference_solutions_earn_full_marks(key):
+    fn = SOLUTIONS[EXERCISES[key].function]
+    for seed in SEEDS:
+        result = points(key, fn, seed)
+        assert result["points"] == result["possible"], result
+        assert result["hints"] == []
+
+
+@pytest.mark.parametrize("key, fn, expected, hint", WRONG, ids=[f"{w[0]}-{i}" for i, w in enumerate(WRONG)])
+def test_usual_mistakes_get_their_grade_and_hint(key, fn, expected, hint):
+    for seed in SEEDS:
+        result = points(key, fn, seed)
+        assert any(hint in h for h in result["hints"]), result["hints"]
+        if expected is None:
+            # drop-when-cumsum>p keeps everything at p=1.0 unless rounding pushes the
+            # running sum just past 1.0, so that one case may go either way
+            assert result["points"] <= 1
+        else:
+            assert result["points"] == expected, (seed, result)
+
+
+def test_every_hint_is_reached_by_a_wrong_submission():
+    reached = set()
+    for key, fn, _, _ in WRONG:
+        for seed in SEEDS:
+            reached.update(grade(key, fn, seed=seed)["hints"])
+    every = {hint for e in EXERCISES.values() for _, _, hint in e.mistakes}
+    assert every <= reached, every - reached
+
+
+def test_stub_reports_not_implemented():
+    def scaled_dot_product_attention(q, k, v, mask=None):
+        raise NotImplementedError
+    result = grade("sdpa", scaled_dot_product_attention, seed=1)
+    assert result["points"] == 0
+    assert all("not implemented yet" in t["message"] for t in result["tests"])
+    assert "Fill in the YOUR CODE block" in result["hints"][0]
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda q, k, v, mask=None: 1 / 0, "raised ZeroDivisionError"),
+    (lambda q, k, v, mask=None: (q[..., :1], None), "expected shape"),
+    (lambda q, k, v, mask=None: tuple(t * float("nan") for t in SOLUTIONS["scaled_dot_product_attention"](
+        q, k, v, mask)), "contains NaN"),
+    (lambda q, k, v, mask=None: tuple(t.half() for t in SOLUTIONS["scaled_dot_product_attention"](
+        q, k, v, mask)), "expected dtype"),
+    (lambda q, k, v, mask=None: "attention!", "expected a tuple of 2 items"),
+])
+def test_broken_code_fails_readably(fn, message):
+    result = grade("sdpa", fn, seed=3)
+    assert result["points"] == 0
+    assert all(message in t["message"] for t in result["tests"]), result["tests"]
+
+
+def test_endless_loop_hits_the_time_limit(monkeypatch):
+    monkeypatch.setattr(grading, "TIME_LIMIT_S", 0.5)
+
+    def forever(q, k, v, mask=None):
+        while True:
+            pass
+    exercise = EXERCISES["sdpa"]
+    inputs = grading.case_inputs(exercise, 5)
+    result = grading.evaluate(exercise, grading.run_cases(exercise, forever, inputs, 0.5), inputs)
+    assert result["points"] == 0
+    assert "did not return within 0.5 s" in result["tests"][0]["message"]
+    assert "not run" in result["tests"][1]["message"]
+
+
+def test_calling_the_reference_earns_zero():
+    from gptcourse.attention import scaled_dot_product_attention as renamed
+    import torch.nn.functional as F
+
+    def uses_library(q, k, v, mask=None):
+        return renamed(q, k, v, mask)
+
+    def uses_pytorch(q, k, v, mask=None):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out, None
+
+    def uses_grader_reference(q, k, v, mask=None):
+        return exercises.sdpa_ref(q, k, v, mask)
+
+    def hides_the_call(q, k, v, mask=None):
+        sys.setprofile(None)                   # switch off the call monitor first
+        return renamed(q, k, v, mask)
+
+    for fn in (uses_library, uses_pytorch, uses_grader_reference, hides_the_call):
+        result = grade("sdpa", fn, seed=4)
+        assert result["points"] == 0, fn.__name__
+        assert "earns no points" in result["hints"][0]
+    result = grade("layer_norm", lambda x, g, b, eps=1e-5: torch.nn.functional.layer_norm(
+        x, x.shape[-1:], g, b, eps), seed=4)
+    assert result["points"] == 0
+    assert grade("count_params", lambda L, d, V, T: exercises.gpt.count_params(
+        exercises.gpt.GPTConfig(n_layer=L, n_head=1, n_embd=d, vocab_size=V, block_size=T)), seed=4)["points"] == 0
+
+
+def test_hard_coded_answers_earn_zero():
+    # the answer for the inputs a notebook shows, returned whatever the inputs
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 8, generator=gen)
+    shown = SOLUTIONS["scaled_dot_product_attention"](q, q, q)
+
+    def memorised(q, k, v, mask=None):
+        return shown
+    assert grade("sdpa", memorised, seed=6)["points"] == 0
+    # right on GPT-2's published count (a fixed example), wrong on random configs
+    result = grade("count_params", lambda *a: 124_439_808, seed=6)
+    assert result["points"] == 0
+    assert result["tests"][0]["message"] == "counts only when a test with fresh random inputs passes too"
+    assert "right only on the fixed examples" in result["hints"][-1]
+    assert grade("causal_mask", lambda T: torch.ones(4, 4, dtype=torch.bool).tril()[:T, :T],
+                 seed=6)["points"] == 0
+
+
+def test_patching_the_grader_or_printing_pass_earns_zero(capsys):
+    def patches_compare(q, k, v, mask=None):
+        grading.compare = lambda *a, **kw: None
+        print("PASS 8/8 points")
+        return q, None
+
+    def patches_torch(q, k, v, mask=None):
+        torch.isclose = lambda a, b, **kw: torch.ones_like(a, dtype=torch.bool)
+        return q, q
+    original_compare, original_isclose = grading.compare, torch.isclose
+    for fn in (patches_compare, patches_torch):
+        result = grade("sdpa", fn, seed=7)
+        assert result["points"] == 0
+        assert "changes the grader or torch" in result["tests"][0]["message"]
+    assert grading.compare is original_compare and torch.isclose is original_isclose   # restored
+
+
+def test_check_prints_the_report(capsys):
+    grading.check("sdpa", sdpa_mask_after)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Exercise 3.1: scaled dot-product attention: 3/8 points"
+    assert out[1].startswith("  PASS  B=2, T=5, d_k=8, no mask") and out[1].endswith("1/1")
+    assert out[3].startswith("  FAIL  causal mask") and "0/2  item 0: values differ" in out[3]
+    assert out[-1] == "  Hint: Apply the mask BEFORE the softmax (masked scores = -inf), so the weights " \
+                      "still sum to 1."
+
+
+# --- batch grading ------------------------------------------------------------
+
+STUB = json.loads((ROOT / "exercises" / "03_scaled_dot_product_attention.ipynb").read_text())
+SOLVED = json.loads((ROOT / "exercises" / "solutions" / "03_scaled_dot_product_attention.ipynb").read_text())
+
+
+def notebook(*cells, base=SOLVED):
+    """A submission: the base notebook with extra code cells inserted after the set-up cell."""
+    nb = json.loads(json.dumps(base))
+    extra = [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+              "source": source} for source in cells]
+    nb["cells"][2:2] = extra
+    return json.dumps(nb)
+
+
+def replace_sdpa(body):
+    """The solved notebook with scaled_dot_product_attention redefined (after the original)."""
+    nb = json.loads(json.dumps(SOLVED))
+    nb["cells"].insert(3, {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                           "source": body})
+    return json.dumps(nb)
+
+
+def test_batch_grading_survives_every_kind_of_submission(tmp_path):
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    wrong_scale = ("def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                   "    s = q @ k.transpose(-2, -1)\n"
+                   "    if mask is not None:\n"
+                   "        s = s.masked_fill(~mask, float('-inf'))\n"
+                   "    w = torch.softmax(s, -1)\n"
+                   "    return w @ v, w\n")
+    cases = {
+        "alice_solution": (json.dumps(SOLVED), 8, 3, "graded"),
+        "bob_stub": (json.dumps(STUB), 0, 0, "graded"),
+        "carol_not_json": ("{ this is not a notebook", 0, 0, "not a valid notebook"),
+        "dave_no_scale": (replace_sdpa(wrong_scale), 2, 3, "graded"),
+        "eve_calls_library": (replace_sdpa(
+            "from gptcourse.attention import scaled_dot_product_attention as ref\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return ref(q, k, v, mask)\n"),
+            0, 3, "graded"),
+        "frank_hard_coded": (replace_sdpa(
+            "_shown = (torch.zeros(2, 5, 8), torch.full((2, 5, 5), 0.2))\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return _shown\n"), 0, 3, "graded"),
+        "grace_patches_grader": (notebook(
+            "import gptcourse.grading as g\n"
+            "g.evaluate = lambda ex, outcomes, inputs: dict(points=99, possible=99, tests=[], hints=[])\n"
+            "g.compare = lambda *a, **k: None\nprint('PASS 11/11 points')\n", base=STUB), 0, 0, "graded"),
+        "heidi_endless_cell": (notebook("while True:\n    pass\n"), 8, 3, "graded"),
+        "ivan_endless_function": (replace_sdpa(
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    while True:\n        pass\n"),
+            0, 3, "graded"),
+        "judy_import_error": (notebook("import a_module_that_does_not_exist\n"), 8, 3, "graded"),
+        "ken_memory_hog": (notebook("hog = bytearray(64 * 1024 ** 3)\n"), 8, 3, "graded"),
+        "leo_deletes_files": (notebook(
+            f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n"), 8, 3, "graded"),
+        "mallory_exits": (notebook("import os\nos._exit(3)\n"), 0, 0, "exit code 3"),
+        "nancy_hangs": (notebook("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                                 "while True:\n    pass\n"), 0, 0, "time limit"),
+    }
+    for name, (text, *_rest) in cases.items():
+        (subs / f"{name}.ipynb").write_text(text)
+    out = tmp_path / "out" / "grades.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
+         "--notebook", "03_scaled_dot_product_attention", "--timeout", "40", "--cell-timeout", "3",
+         "--call-timeout", "2", "--jobs", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["student"]: r for r in csv.DictReader(out.open())}
+    assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status"]
+    assert set(rows) == set(cases)
+    for name, (_, sdpa, causal, status) in cases.items():
+        row = rows[name]
+        assert (int(row["sdpa"]), int(row["causal_mask"])) == (sdpa, causal), (name, row)
+        assert int(row["total"]) == sdpa + causal and row["possible"] == "11"
+        assert status in row["status"], (name, row["status"])
+    report = {r["student"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert any("sqrt(d_k)" in h for h in report["dave_no_scale"]["exercises"]["sdpa"]["hints"])
+    assert "calls gptcourse.attention.scaled_dot_product_attention" in \
+        report["eve_calls_library"]["exercises"]["sdpa"]["tests"][0]["message"]
+    assert "did not return within 2 s" in report["ivan_endless_function"]["exercises"]["sdpa"]["tests"][0]["message"]
+    assert [p.name for p in out.parent.iterdir()] == ["grades.csv", "grades.json"] or \
+        sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.json"]   # no temp files left
+
+
+def test_csv_is_replaced_atomically(tmp_path):
+    target = tmp_path / "grades.csv"
+    target.write_text("old\n")
+    grading._write_atomically(str(target), "new\n")
+    assert target.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["grades.csv"]
