@@ -125,25 +125,46 @@ class KVCache:
 
     During generation each new token only needs its own query; its keys and
     values are appended here, so nothing is recomputed. k, v: (B, H, T, d_k).
+    Conceptually update() is torch.cat([cached, new], dim=-2); to avoid copying
+    everything at every step, the tensors live in a buffer that doubles its
+    capacity when full, and k, v are views of its first T positions.
     """
 
     def __init__(self):
-        self.k = None
-        self.v = None
+        self._k = self._v = None
+        self.length = 0
 
     def __len__(self):
-        return 0 if self.k is None else self.k.shape[-2]
+        return self.length
+
+    @property
+    def k(self):
+        return None if self._k is None else self._k[..., :self.length, :]
+
+    @property
+    def v(self):
+        return None if self._v is None else self._v[..., :self.length, :]
 
     def update(self, k_new, v_new):
         """Append (B, H, T_new, d_k) keys/values; return all of them (B, H, T, d_k)."""
-        if self.k is None:
-            self.k, self.v = k_new, v_new
-        else:
-            if k_new.shape[:2] != self.k.shape[:2] or k_new.shape[-1] != self.k.shape[-1]:
-                raise ValueError(f"new keys {tuple(k_new.shape)} do not match the cache "
-                                 f"{tuple(self.k.shape)} (B, H, T, d_k)")
-            self.k = torch.cat([self.k, k_new], dim=-2)
-            self.v = torch.cat([self.v, v_new], dim=-2)
+        if k_new.dim() != 4 or k_new.shape != v_new.shape:
+            raise ValueError(f"need keys and values of one shape (B, H, T_new, d_k), "
+                             f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        if self._k is not None and (k_new.shape[:2] != self._k.shape[:2] or k_new.shape[-1] != self._k.shape[-1]):
+            raise ValueError(f"new keys {tuple(k_new.shape)} do not match the cache "
+                             f"{tuple(self.k.shape)} (B, H, T, d_k)")
+        end = self.length + k_new.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            capacity = max(16, 2 * end)
+            grown_k = k_new.new_empty(*k_new.shape[:2], capacity, k_new.shape[-1])
+            grown_v = v_new.new_empty(*v_new.shape[:2], capacity, v_new.shape[-1])
+            if self._k is not None:
+                grown_k[..., :self.length, :] = self.k
+                grown_v[..., :self.length, :] = self.v
+            self._k, self._v = grown_k, grown_v
+        self._k[..., self.length:end, :] = k_new
+        self._v[..., self.length:end, :] = v_new
+        self.length = end
         return self.k, self.v
 
 
@@ -217,6 +238,8 @@ class MultiHeadAttention(nn.Module):
             if mask.dim() == 3:             # (B, T_q, T_k) or (B, 1, T_k): same for every head
                 mask = mask[:, None]
             _check_mask(mask, T_q, T_k, q.shape[:-2])
+        # A single newest query (a generation step) may see every key: no mask needed.
+        causal = causal and T_q > 1
         # PyTorch's is_causal flag aligns the triangle top-left, so the fused
         # kernel gets it only for the plain case; otherwise we pass a mask.
         fused_is_causal = causal and mask is None and T_q == T_k

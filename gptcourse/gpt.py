@@ -29,6 +29,7 @@ class GPTConfig:
     n_embd: int = 128           # d_model, C
     dropout: float = 0.0
     bias: bool = True           # biases in Linear and LayerNorm (GPT-2: True)
+    gelu: str = "none"          # "tanh": GPT-2's tanh approximation of GELU ("gelu_new")
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -37,6 +38,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.gelu not in ("none", "tanh"):
+            raise ValueError(f"GPTConfig.gelu must be 'none' or 'tanh', got {self.gelu!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -53,7 +56,7 @@ class GPTConfig:
         return replace(PRESETS[name], **overrides)
 
 
-_GPT2 = dict(block_size=1024, vocab_size=50257)
+_GPT2 = dict(block_size=1024, vocab_size=50257, gelu="tanh")
 # GPT-3 paper (Brown et al. 2020), Table 2.1: n_layer, d_model, n_heads, d_head; context 2048.
 # Two rows of that table do not multiply out (n_heads * d_head != d_model):
 #   GPT-3 XL lists 24 heads of 128 for d_model 2048 -> we use 16 heads of 128;
@@ -102,9 +105,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu = config.gelu
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.gelu)))
 
 
 class Block(nn.Module):
@@ -211,3 +215,62 @@ class GPT(nn.Module):
             step_input = next_id
         self.train(was_training)
         return idx
+
+
+# ----------------------------------------------------------------------------
+# GPT-2 weights in the Hugging Face layout
+# ----------------------------------------------------------------------------
+
+def from_hf_gpt2_state_dict(state_dict, config=None):
+    """Build a GPT from the state dict of Hugging Face's GPT2LMHeadModel.
+
+    That layout stores its Linear layers as Conv1D, weight (in, out), i.e. the
+    transpose of nn.Linear's (out, in), and W^Q, W^K, W^V side by side in one
+    c_attn of shape (C, 3C). config defaults to the GPT-2 size that matches
+    the state dict's shapes.
+    """
+    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+    if config is None:
+        V, C = sd["wte.weight"].shape
+        L = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+        matches = [c for c in PRESETS.values() if (c.n_layer, c.n_embd, c.vocab_size) == (L, C, V)
+                   and c.block_size == sd["wpe.weight"].shape[0] and c.gelu == "tanh"]
+        if not matches:
+            raise ValueError(f"no GPT-2 preset has n_layer={L}, n_embd={C}, vocab_size={V}; pass a config")
+        config = matches[0]
+    model = GPT(config)
+    C = config.n_embd
+    ours = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
+            "ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}
+    for i in range(config.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            ours[b + ln + ".weight"], ours[b + ln + ".bias"] = sd[h + ln + ".weight"], sd[h + ln + ".bias"]
+        w_qkv, b_qkv = sd[h + "attn.c_attn.weight"].t(), sd[h + "attn.c_attn.bias"]      # (3C, C)
+        for j, name in enumerate(("w_q", "w_k", "w_v")):
+            ours[b + f"attn.{name}.weight"] = w_qkv[j * C:(j + 1) * C]
+            ours[b + f"attn.{name}.bias"] = b_qkv[j * C:(j + 1) * C]
+        ours[b + "attn.w_o.weight"], ours[b + "attn.w_o.bias"] = sd[h + "attn.c_proj.weight"].t(), \
+            sd[h + "attn.c_proj.bias"]
+        ours[b + "mlp.fc.weight"], ours[b + "mlp.fc.bias"] = sd[h + "mlp.c_fc.weight"].t(), sd[h + "mlp.c_fc.bias"]
+        ours[b + "mlp.proj.weight"], ours[b + "mlp.proj.bias"] = sd[h + "mlp.c_proj.weight"].t(), \
+            sd[h + "mlp.c_proj.bias"]
+    ours["lm_head.weight"] = ours["wte.weight"]                                         # tied
+    expected = model.state_dict()
+    for key, value in ours.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit {tuple(expected[key].shape)}")
+    model.load_state_dict({k: v.contiguous() for k, v in ours.items()}, strict=True)
+    return model
+
+
+def load_pretrained_gpt2(name="gpt2"):
+    """The real GPT-2 weights through Hugging Face `transformers` (needs the
+    package and the internet, e.g. in Colab): returns our GPT with them."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError as e:
+        raise ImportError("loading real GPT-2 weights needs `pip install transformers` "
+                          "and an internet connection") from e
+    return from_hf_gpt2_state_dict(GPT2LMHeadModel.from_pretrained(name).state_dict(),
+                                   GPTConfig.from_name(name))

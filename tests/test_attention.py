@@ -535,3 +535,21 @@ def test_attention_heatmap_bad_labels():
     with pytest.raises(ValueError, match=re.escape("(T_q, T_k) matrix, got shape (1, 2, 3)")):
         attention_heatmap(w[None])
     plt.close("all")
+
+
+def test_kv_cache_buffer_equals_concatenation():
+    """The cache's growing buffer must hold exactly what torch.cat would."""
+    from gptcourse.attention import KVCache
+    g = torch.Generator().manual_seed(0)
+    cache, ks, vs = KVCache(), [], []
+    for step, T_new in enumerate([5, 1, 1, 13, 1, 40, 2]):          # crosses capacity 16, 32, 126...
+        k, v = torch.randn(2, 3, T_new, 4, generator=g), torch.randn(2, 3, T_new, 4, generator=g)
+        ks.append(k)
+        vs.append(v)
+        k_all, v_all = cache.update(k, v)
+        assert torch.equal(k_all, torch.cat(ks, dim=-2)) and torch.equal(v_all, torch.cat(vs, dim=-2))
+        assert len(cache) == sum(t.shape[-2] for t in ks)
+    with pytest.raises(ValueError, match="do not match the cache"):
+        cache.update(torch.randn(2, 4, 1, 4), torch.randn(2, 4, 1, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        cache.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 2, 4))

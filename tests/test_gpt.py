@@ -341,3 +341,101 @@ def test_generate_restores_mode_and_checks_args(gen_model):
         gen_model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer, got -1"):
         gen_model.generate(torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+# --- GPT-2 weights in the Hugging Face layout ---------------------------------
+
+def hf_layout_state_dict(L=2, C=16, V=50, T=32, seed=0):
+    """A state dict with the key names and shapes of transformers' GPT2LMHeadModel
+    (Conv1D weights stored (in, out); the causal-mask buffers old checkpoints carry)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64) * 0.2
+    sd = {"transformer.wte.weight": r(V, C), "transformer.wpe.weight": r(T, C)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(C), p + "ln_1.bias": r(C),
+                   p + "attn.bias": torch.ones(1, 1, T, T).tril(), p + "attn.masked_bias": torch.tensor(-1e4),
+                   p + "attn.c_attn.weight": r(C, 3 * C), p + "attn.c_attn.bias": r(3 * C),
+                   p + "attn.c_proj.weight": r(C, C), p + "attn.c_proj.bias": r(C),
+                   p + "ln_2.weight": 1 + r(C), p + "ln_2.bias": r(C),
+                   p + "mlp.c_fc.weight": r(C, 4 * C), p + "mlp.c_fc.bias": r(4 * C),
+                   p + "mlp.c_proj.weight": r(4 * C, C), p + "mlp.c_proj.bias": r(C)})
+    sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = 1 + r(C), r(C)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def hf_gpt2_forward(sd, idx, n_head):
+    """GPT-2's forward pass written straight from the Hugging Face layout: an
+    independent reference (Conv1D is x @ W + b; GELU is the tanh form)."""
+    w = lambda k: sd["transformer." + k]
+    L = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
+    T = idx.shape[1]
+    C = w("wte.weight").shape[1]
+
+    def ln(x, name):
+        m, v = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+        return (x - m) / torch.sqrt(v + 1e-5) * w(name + ".weight") + w(name + ".bias")
+
+    def gelu_new(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    x = w("wte.weight")[idx] + w("wpe.weight")[:T]
+    for i in range(L):
+        h = ln(x, f"h.{i}.ln_1")
+        q, k, v = (h @ w(f"h.{i}.attn.c_attn.weight") + w(f"h.{i}.attn.c_attn.bias")).split(C, dim=-1)
+        split = lambda t: t.view(*t.shape[:2], n_head, C // n_head).transpose(1, 2)
+        q, k, v = split(q), split(k), split(v)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(C // n_head)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(*x.shape)
+        x = x + a @ w(f"h.{i}.attn.c_proj.weight") + w(f"h.{i}.attn.c_proj.bias")
+        h = ln(x, f"h.{i}.ln_2")
+        x = x + gelu_new(h @ w(f"h.{i}.mlp.c_fc.weight") + w(f"h.{i}.mlp.c_fc.bias")) \
+            @ w(f"h.{i}.mlp.c_proj.weight") + w(f"h.{i}.mlp.c_proj.bias")
+    return ln(x, "ln_f") @ w("wte.weight").T
+
+
+def test_gpt2_converter_matches_an_independent_forward_pass():
+    from gptcourse.gpt import from_hf_gpt2_state_dict
+    sd = hf_layout_state_dict()
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=32, gelu="tanh")
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = from_hf_gpt2_state_dict(sd, config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    idx = torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(1))
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits, hf_gpt2_forward(sd, idx, n_head=2))
+    assert model.lm_head.weight is model.wte.weight
+    # and the KV-cache generation of the converted model equals recomputation
+    prompt = idx[:1, :4]
+    assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=True),
+                       model.generate(prompt, 20, temperature=0, use_cache=False))
+
+
+def test_gpt2_converter_shapes_of_the_real_checkpoint():
+    """The 124M checkpoint's layout, on the meta device: the preset is found
+    from the shapes and every tensor fits (nothing downloaded)."""
+    from gptcourse.gpt import from_hf_gpt2_state_dict
+    C, V, T, L = 768, 50257, 1024, 12
+    with torch.device("meta"):
+        sd = {"transformer.wte.weight": torch.empty(V, C), "transformer.wpe.weight": torch.empty(T, C),
+              "transformer.ln_f.weight": torch.empty(C), "transformer.ln_f.bias": torch.empty(C)}
+        for i in range(L):
+            p = f"transformer.h.{i}."
+            for name, shape in [("ln_1.weight", (C,)), ("ln_1.bias", (C,)), ("attn.c_attn.weight", (C, 3 * C)),
+                                ("attn.c_attn.bias", (3 * C,)), ("attn.c_proj.weight", (C, C)),
+                                ("attn.c_proj.bias", (C,)), ("ln_2.weight", (C,)), ("ln_2.bias", (C,)),
+                                ("mlp.c_fc.weight", (C, 4 * C)), ("mlp.c_fc.bias", (4 * C,)),
+                                ("mlp.c_proj.weight", (4 * C, C)), ("mlp.c_proj.bias", (C,))]:
+                sd[p + name] = torch.empty(*shape)
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        model = from_hf_gpt2_state_dict(sd)
+    assert model.config == GPTConfig.from_name("gpt2")
+    assert model.num_params() == 124_439_808
+    bad = dict(sd)
+    bad["transformer.h.0.mlp.c_fc.weight"] = torch.empty(C, 4 * C + 1, device="meta")
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.fc.weight: shape \(3073, 768\)"):
+        from_hf_gpt2_state_dict(bad, GPTConfig.from_name("gpt2"))
