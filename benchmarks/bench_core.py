@@ -3,9 +3,12 @@ absolute times: single timings drift 10-20% on a shared machine).
 
     make bench                # or: python benchmarks/bench_core.py [--device cuda]
 
-1. KV-cache generation vs recomputing the whole context at every step
-   (the same greedy tokens are checked first).
-2. Fused attention (F.scaled_dot_product_attention) vs the explicit
+1. Training step of gptcourse.train at the reference configuration of
+   ../shared/TOOLCHAIN.md (4 layers, 4 heads, d=128, context 64, batch 12,
+   char-level pydoc corpus), next to that reference point (35 ms/step there).
+2. KV-cache generation vs recomputing the whole context at every step,
+   256 new tokens with context 256 (the same greedy tokens are checked first).
+3. Fused attention (F.scaled_dot_product_attention) vs the explicit
    softmax(QK^T / sqrt(d)) V, causal, forward + backward.
 """
 import argparse
@@ -15,8 +18,10 @@ import time
 import torch
 
 from gptcourse import attention
+from gptcourse.data import load_corpus, train_val_split
 from gptcourse.gpt import GPT, GPTConfig
-from gptcourse.train import pick_device
+from gptcourse.tokenizers import CharTokenizer
+from gptcourse.train import lm_batches, pick_device, train
 
 
 def timed(fn, device, repeats):
@@ -34,18 +39,33 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench_generation(device, new_tokens=192, repeats=3):
+def bench_train_step(device, steps=100):
+    text = load_corpus("pydoc")
+    tok = CharTokenizer(text)
+    train_data, val_data = train_val_split(torch.tensor(tok.encode(text)))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("course-char", vocab_size=tok.vocab_size))
+    batches = lm_batches(train_data, val_data, block_size=64, batch_size=12, seed=0, device=device)
+    train(model, batches, steps=10, eval_batches=1, device=device, progress=False)      # warm-up
+    start = time.perf_counter()
+    train(model, batches, steps=steps, eval_every=steps, eval_batches=1, device=device, progress=False)
+    ms = 1000 * (time.perf_counter() - start) / steps
+    print(f"training step, 4 layers, d=128, context 64, batch 12: {ms:.1f} ms/step "
+          f"(reference point in TOOLCHAIN.md: 35 ms/step on this machine kind)")
+
+
+def bench_generation(device, new_tokens=256, repeats=3):
     torch.manual_seed(0)
     config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=103)
     model = GPT(config).to(device).eval()
-    prompt = torch.randint(0, config.vocab_size, (1, 8), device=device)
+    prompt = torch.randint(0, config.vocab_size, (1, 1), device=device)
     cached = model.generate(prompt, new_tokens, temperature=0, use_cache=True)
     full = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
     assert torch.equal(cached, full), "KV-cache generation differs from recomputation"
     t_cache = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=True), device, repeats)
     t_full = timed(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=False), device, repeats)
-    print(f"generation, {config.n_layer} layers, d={config.n_embd}, {new_tokens} new tokens, batch 1 "
-          f"(same tokens: True)")
+    print(f"generation, {config.n_layer} layers, d={config.n_embd}, context {config.block_size}, "
+          f"{new_tokens} new tokens, batch 1 (same tokens: True)")
     print(f"  recompute : {new_tokens / t_full:8.0f} tokens/s")
     print(f"  KV cache  : {new_tokens / t_cache:8.0f} tokens/s   speed-up x{t_full / t_cache:.2f}")
 
@@ -76,5 +96,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     device = pick_device(args.device)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    bench_train_step(device)
     bench_generation(device)
     bench_attention(device)

@@ -30,6 +30,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True           # biases in Linear and LayerNorm (GPT-2: True)
     gelu: str = "none"          # "tanh": GPT-2's tanh approximation of GELU ("gelu_new")
+    causal: bool = True         # False: every position sees every other (BERT, see gptcourse.bert)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -121,9 +122,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.causal = config.causal
 
     def forward(self, x, cache=None):
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), causal=True, cache=cache))
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), causal=self.causal, cache=cache))
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -158,7 +160,8 @@ class GPT(nn.Module):
 
         caches: one KVCache per block (for generation); the new tokens are
         placed after the positions already cached.
-        Returns (logits (B, T, V), loss or None).
+        Returns (logits (B, T, V), loss or None); targets equal to -100 are
+        ignored by the loss (as the masked-LM targets of gptcourse.bert are).
         """
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) tensor of token ids (torch.long), "
@@ -194,6 +197,9 @@ class GPT(nn.Module):
         block_size tokens each step, exactly as use_cache=False always does.
         temperature=0 is greedy decoding.
         """
+        if not self.config.causal:
+            raise ValueError("generate needs a causal model (GPTConfig(causal=True)); a bidirectional "
+                             "model fills in blanks instead: see gptcourse.bert.fill_in")
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"idx must be a (B, T) tensor with T >= 1, got {tuple(idx.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
