@@ -15,16 +15,6 @@ from gptcourse.attention import causal_mask
 from gptcourse.gpt import PRESETS, GPT, Block, GPTConfig, count_params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine every
-    multi-threaded op waits for a descheduled thread: 30x slower. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(**kw):
     cfg = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=16)
     cfg.update(kw)

@@ -409,7 +409,7 @@ def test_batch_grading_survives_every_kind_of_submission(tmp_path):
     out = tmp_path / "out" / "grades.csv"
     result = subprocess.run(
         [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
-         "--notebook", "03_scaled_dot_product_attention", "--timeout", "40", "--cell-timeout", "3",
+         "--notebook", "03_scaled_dot_product_attention", "--timeout", "30", "--cell-timeout", "3",
          "--call-timeout", "2", "--jobs", "2"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,15 +10,6 @@ from gptcourse.rnn import Encoder, Seq2Seq, accuracy, translate
 from gptcourse.train import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small ops on 2 shared cores run faster and steadier on one thread
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def gru_by_hand(rnn, x, reverse=False):
     """Run layer 0 of an nn.GRU over one unbatched sequence x (S, E) with a
     GRUCell loop, direction by direction. Returns the states (S, H)."""

@@ -30,16 +30,6 @@ from gptcourse.viz import plot_losses  # noqa: E402
 STEPS, BLOCK, BATCH = 60, 32, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine every
-    multi-threaded op waits for a descheduled thread: 30x slower. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus():
     text = load_corpus("pydoc")

@@ -13,15 +13,6 @@ from gptcourse.transformer import DecoderLayer, EncoderLayer, Transformer, trans
 C, H, FF = 16, 4, 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_float64():
-    old_threads, old_dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old_threads)
-    torch.set_default_dtype(old_dtype)
-
-
 def copy_attention(ours, theirs):
     """Our W^Q, W^K, W^V, W^O into nn.MultiheadAttention's stacked in_proj and out_proj."""
     with torch.no_grad():
