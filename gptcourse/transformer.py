@@ -129,7 +129,8 @@ class Transformer(nn.Module):
         # Embeddings start at N(0, 1/d_model), so that after the sqrt(d_model)
         # scaling they are about as large as the positional code (|P| <= 1):
         # with PyTorch's default N(0, 1) the positions would be drowned out.
-        for embedding in {self.src_embedding, self.tgt_embedding}:
+        embeddings = [self.src_embedding] + ([] if share_embeddings else [self.tgt_embedding])
+        for embedding in embeddings:                  # a list: a fixed order, so seeded runs repeat
             nn.init.normal_(embedding.weight, std=d_model ** -0.5)
         if share_embeddings:
             self.generator.weight = self.src_embedding.weight
