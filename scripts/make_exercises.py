@@ -217,11 +217,27 @@ def build(name, solutions):
         "language_info": {"name": "python"}})
 
 
+def keep_outputs(new, path):
+    """Where a code cell is unchanged, keep the outputs the old notebook saved
+    (so editing prose needs no re-execution); changed cells come out empty."""
+    if not path.exists():
+        return new
+    old = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    new_code = [c for c in new.cells if c.cell_type == "code"]
+    if [c.source for c in old] == [c.source for c in new_code]:
+        for o, n in zip(old, new_code):
+            n.outputs, n.execution_count = o.outputs, o.execution_count
+    new.metadata.update({k: v for k, v in nbformat.read(path, as_version=4).metadata.items()
+                         if k == "widgets"})
+    return new
+
+
 def main():
     for name in NOTEBOOKS:
         for solutions, folder in ((False, ROOT / "exercises"), (True, ROOT / "exercises" / "solutions")):
             folder.mkdir(parents=True, exist_ok=True)
-            nbformat.write(build(name, solutions), folder / f"{name}.ipynb")
+            path = folder / f"{name}.ipynb"
+            nbformat.write(keep_outputs(build(name, solutions), path), path)
     print(f"wrote {len(NOTEBOOKS)} exercise notebooks and their solutions")
 
 
