@@ -14,8 +14,10 @@ NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.
 book: install assets
 	$(JB)
 
+# CPU results depend on the thread count (a parallel sum adds in another order),
+# so notebooks are executed and compared with one thread, on any machine.
 test: install assets browser
-	$(BIN)/python -m pytest tests gptcourse chapters exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests gptcourse chapters exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -46,7 +48,7 @@ browser:
 #   make outputs NB=chapters/03_*.ipynb one chapter
 NB ?= chapters/[0-9]*.ipynb
 outputs: install
-	$(BIN)/python scripts/execute_notebooks.py $(NB)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/execute_notebooks.py $(NB)
 
 clean:
 	rm -rf _build .jupyter_cache
