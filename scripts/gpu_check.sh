@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared check on a machine with an NVIDIA GPU (no Jupyter stack needed):
-#   bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh [chapters/NN_x.ipynb ...]     (default: every chapter)
 # 1. the library's unit tests; 2. chapter code on the GPU, compared with the
-# stored outputs; 3. the core benchmark on the GPU; 4. a short GPT training run
-# through gptcourse.train (bf16 autocast, fused AdamW).
+# stored outputs; 3. the core benchmark on the GPU; 4. a 2000-step GPT training
+# run through gptcourse.train (bf16 autocast, fused AdamW) unless SKIP_TRAIN=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -14,16 +14,20 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 echo "== 1. unit tests"
 $PY -m pytest tests -q -p no:cacheprovider --ignore=tests/test_book_html.py \
-    --ignore=tests/test_book_structure.py || status=1
+    --ignore=tests/test_book_structure.py --deselect \
+    tests/test_grading.py::test_batch_grading_survives_every_kind_of_submission || status=1
 
 echo "== 2. chapters on the GPU"
-for nb in chapters/[0-9][0-9]_*.ipynb; do
+notebooks=("$@")
+[ ${#notebooks[@]} -eq 0 ] && notebooks=(chapters/[0-9][0-9]_*.ipynb)
+for nb in "${notebooks[@]}"; do
     $PY scripts/run_notebook_code.py "$nb" || status=1
 done
 
 echo "== 3. benchmark"
 $PY benchmarks/bench_core.py --device cuda || status=1
 
+[ "${SKIP_TRAIN:-0}" = 1 ] && exit $status
 echo "== 4. GPT training through gptcourse.train"
 $PY - <<'PYEOF' || status=1
 import time, torch
