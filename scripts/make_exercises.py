@@ -212,6 +212,8 @@ def build(name, solutions):
         source = stub.replace("    raise NotImplementedError", solution) if solutions else stub
         cells.append(new_code_cell(source))
         cells.append(new_code_cell(f'check("{key}", {stub.split("(")[0][4:]})'))
+    for i, cell in enumerate(cells):               # stable ids: regenerating changes nothing
+        cell.id = f"cell-{i}"
     return new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"}})
