@@ -14,8 +14,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 echo "== 1. unit tests"
 $PY -m pytest tests -q -p no:cacheprovider --ignore=tests/test_book_html.py \
-    --ignore=tests/test_book_structure.py --deselect \
-    tests/test_grading.py::test_batch_grading_survives_every_kind_of_submission || status=1
+    --ignore=tests/test_book_structure.py --ignore=tests/test_grading.py || status=1
 
 echo "== 2. chapters on the GPU"
 notebooks=("$@")

@@ -37,7 +37,11 @@ try:                                       # widgets need a browser anyway: stub
     import ipywidgets  # noqa: F401
 except ImportError:
     stub = types.ModuleType("ipywidgets")
-    stub.__getattr__ = lambda name: _Anything
+    def _attribute(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything
+    stub.__getattr__ = _attribute
     sys.modules["ipywidgets"] = stub
 
 
