@@ -68,3 +68,11 @@ def test_notebook_is_saved_ready(path):
     assert "pick_device()" in first
     # seeded
     assert re.search(r"seed_everything\(\d+\)|manual_seed\(\d+\)", first)
+
+
+def test_readme_lists_every_chapter_with_its_colab_badge():
+    readme = (ROOT / "README.md").read_text()
+    colab = CONFIG["repository"]["url"].replace("https://github.com/", "https://colab.research.google.com/github/")
+    for nb in NOTEBOOKS:
+        assert f"({colab}/blob/main/chapters/{nb.name})" in readme, f"README: no Colab badge for {nb.name}"
+        assert f"(chapters/{nb.name})" in readme, f"README: no link to {nb.name}"
