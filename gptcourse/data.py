@@ -270,6 +270,12 @@ def seq2seq_batch(pairs, src_vocab, tgt_vocab, device="cpu"):
     return src_ids.to(device), lengths.to(device), tgt_in.to(device), tgt_out.to(device)
 
 
+def seq2seq_loss(logits, tgt_out):
+    """Cross-entropy of (B, T, V) logits against (B, T) targets, padding ignored."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(),
+                                             ignore_index=Vocab.PAD)
+
+
 def seq2seq_batches(train_pairs, val_pairs, src_vocab, tgt_vocab, batch_size, seed=0):
     """A `batches(split)` function for gptcourse.train: random batches of pairs."""
     data = {"train": train_pairs, "val": val_pairs}

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import AdditiveAttention
-from .data import Vocab, seq2seq_batch
+from .data import Vocab, seq2seq_batch, seq2seq_loss
 
 CELLS = {"gru": (nn.GRU, nn.GRUCell), "lstm": (nn.LSTM, nn.LSTMCell)}
 
@@ -149,10 +149,7 @@ class Seq2Seq(nn.Module):
             step_logits, state, _ = self.decoder.step(tgt_in[:, i], state, memory, src_mask)
             logits.append(step_logits)
         logits = torch.stack(logits, dim=1)                            # (B, T, V)
-        loss = None
-        if tgt_out is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=Vocab.PAD)
-        return logits, loss
+        return logits, None if tgt_out is None else seq2seq_loss(logits, tgt_out)
 
     @torch.no_grad()
     def greedy_decode(self, src, src_lengths, max_len):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import MultiHeadAttention, causal_mask, padding_mask
-from .data import Vocab
+from .data import Vocab, seq2seq_loss
 from .positional import SinusoidalPositionalEncoding
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -157,10 +157,7 @@ class Transformer(nn.Module):
     def forward(self, src, src_lengths, tgt_in, tgt_out=None):
         memory, src_mask = self.encode(src, src_lengths)
         logits = self.decode(tgt_in, memory, src_mask)
-        loss = None
-        if tgt_out is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=Vocab.PAD)
-        return logits, loss
+        return logits, None if tgt_out is None else seq2seq_loss(logits, tgt_out)
 
     @torch.no_grad()
     def greedy_decode(self, src, src_lengths, max_len):
