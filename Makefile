@@ -55,4 +55,4 @@ clean:
 
 # Speed of the core, as ratios measured side by side (not part of `make test`).
 bench: install
-	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_core.py --full

@@ -54,6 +54,24 @@ def bench_train_step(device, steps=100):
           f"(reference point in TOOLCHAIN.md: 35 ms/step on this machine kind)")
 
 
+def bench_full_run(device, steps=2000):
+    """The whole reference run: val loss at 500/1000/1500/2000 steps next to the
+    reference point's 2.04 / 1.70 / 1.56 / 1.46 (warm-up 100, cosine to 1e-4)."""
+    text = load_corpus("pydoc")
+    tok = CharTokenizer(text)
+    train_data, val_data = train_val_split(torch.tensor(tok.encode(text)))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("course-char", vocab_size=tok.vocab_size))
+    batches = lm_batches(train_data, val_data, block_size=64, batch_size=12, seed=0, device=device)
+    start = time.perf_counter()
+    h = train(model, batches, steps=steps, lr=1e-3, warmup_steps=100, min_lr=1e-4, eval_every=500,
+              eval_batches=20, device=device, seed=0, progress=False)
+    seconds = time.perf_counter() - start
+    print(f"full run, {steps} steps in {seconds:.0f} s: val loss "
+          + ", ".join(f"{v:.2f} @ {s}" for s, v in zip(h.eval_steps, h.val_loss))
+          + "  (reference: 2.04 @ 500, 1.70 @ 1000, 1.56 @ 1500, 1.46 @ 2000)")
+
+
 def bench_generation(device, new_tokens=256, repeats=3):
     torch.manual_seed(0)
     config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=103)
@@ -93,9 +111,12 @@ def bench_attention(device, repeats=20):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    parser.add_argument("--full", action="store_true", help="also train the whole 2000-step reference run")
     args = parser.parse_args()
     device = pick_device(args.device)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     bench_train_step(device)
+    if args.full:
+        bench_full_run(device)
     bench_generation(device)
     bench_attention(device)
