@@ -39,13 +39,19 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench_train_step(device, steps=100):
+def reference_setup(device):
+    """The reference configuration: a fresh char-level GPT and its pydoc batches."""
     text = load_corpus("pydoc")
     tok = CharTokenizer(text)
     train_data, val_data = train_val_split(torch.tensor(tok.encode(text)))
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("course-char", vocab_size=tok.vocab_size))
     batches = lm_batches(train_data, val_data, block_size=64, batch_size=12, seed=0, device=device)
+    return model, batches
+
+
+def bench_train_step(device, steps=100):
+    model, batches = reference_setup(device)
     train(model, batches, steps=10, eval_batches=1, device=device, progress=False)      # warm-up
     start = time.perf_counter()
     train(model, batches, steps=steps, eval_every=steps, eval_batches=1, device=device, progress=False)
@@ -57,12 +63,7 @@ def bench_train_step(device, steps=100):
 def bench_full_run(device, steps=2000):
     """The whole reference run: val loss at 500/1000/1500/2000 steps next to the
     reference point's 2.04 / 1.70 / 1.56 / 1.46 (warm-up 100, cosine to 1e-4)."""
-    text = load_corpus("pydoc")
-    tok = CharTokenizer(text)
-    train_data, val_data = train_val_split(torch.tensor(tok.encode(text)))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("course-char", vocab_size=tok.vocab_size))
-    batches = lm_batches(train_data, val_data, block_size=64, batch_size=12, seed=0, device=device)
+    model, batches = reference_setup(device)
     start = time.perf_counter()
     h = train(model, batches, steps=steps, lr=1e-3, warmup_steps=100, min_lr=1e-4, eval_every=500,
               eval_batches=20, device=device, seed=0, progress=False)
