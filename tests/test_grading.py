@@ -37,10 +37,6 @@ def solution_functions():
 SOLUTIONS = solution_functions()
 
 
-def points(key, fn, seed):
-    return grade(key, fn, seed=seed)
-
-
 # --- wrong submissions, one per usual mistake ---------------------------------
 
 def sdpa_no_scale(q, k, v, mask=None):
@@ -205,7 +201,7 @@ WRONG = [
 def test_reference_solutions_earn_full_marks(key):
     fn = SOLUTIONS[EXERCISES[key].function]
     for seed in SEEDS:
-        result = points(key, fn, seed)
+        result = grade(key, fn, seed=seed)
         assert result["points"] == result["possible"], result
         assert result["hints"] == []
 
@@ -213,7 +209,7 @@ def test_reference_solutions_earn_full_marks(key):
 @pytest.mark.parametrize("key, fn, expected, hint", WRONG, ids=[f"{w[0]}-{i}" for i, w in enumerate(WRONG)])
 def test_usual_mistakes_get_their_grade_and_hint(key, fn, expected, hint):
     for seed in SEEDS:
-        result = points(key, fn, seed)
+        result = grade(key, fn, seed=seed)
         assert any(hint in h for h in result["hints"]), result["hints"]
         if expected is None:
             # drop-when-cumsum>p keeps everything at p=1.0 unless rounding pushes the
