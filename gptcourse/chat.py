@@ -90,3 +90,116 @@ def train_course_model(steps=600, seed=0, device=None, progress=True):
                     desc="course GPT")
     model.eval()
     return model, tokenizer, history
+
+
+# ----------------------------------------------------------------------------
+# Measuring what the model sees and how sure it is (chapter 14)
+# ----------------------------------------------------------------------------
+
+def fit_to_context(messages, tokenizer, block_size, add_generation_prompt=True):
+    """The messages a model with a window of block_size tokens can still see.
+
+    A chat client drops whole messages, oldest first, until the transcript
+    (format_chat) encodes to at most block_size tokens. System messages are
+    always kept: they carry the instructions. Returns a new list; raises
+    ValueError when even the system messages and the last message are too
+    long.
+
+        >>> from gptcourse.tokenizers import CharTokenizer
+        >>> talk = [{"role": "user", "content": "hi"},
+        ...         {"role": "assistant", "content": "hello"},
+        ...         {"role": "user", "content": "bye"}]
+        >>> tok = CharTokenizer(format_chat(talk))
+        >>> len(tok.encode(format_chat(talk)))       # 8 + 1 + 16 + 1 + 9 + 1 + 10
+        46
+        >>> [m["content"] for m in fit_to_context(talk, tok, 30)]
+        ['bye']
+    """
+    check_messages(messages)
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+    def n_tokens(kept):
+        return len(tokenizer.encode(format_chat(kept, add_generation_prompt)))
+
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    for start in range(len(turns)):
+        kept = system + turns[start:]
+        if n_tokens(kept) <= block_size:
+            return kept
+    kept = system + turns[-1:]
+    raise ValueError(f"the system messages and the last message alone take "
+                     f"{n_tokens(kept)} tokens, more than block_size={block_size}")
+
+
+def next_token_entropy(logits, temperature=1.0):
+    """Entropy, in nats, of softmax(logits / temperature) over the last dim.
+
+    logits (..., V) -> (...). 0 when one token is certain, log V for a
+    uniform choice; tokens with logit -inf count as impossible.
+
+        >>> round(next_token_entropy(torch.zeros(4)).item(), 4)  # log 4
+        1.3863
+        >>> next_token_entropy(torch.tensor([0.0, float("-inf")])).item()
+        0.0
+    """
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    p = logp.exp()
+    return (p * -logp.masked_fill(p == 0, 0.0)).sum(-1) + 0.0  # + 0.0: no -0.0
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompt, continuation):
+    """log P(each token of continuation | prompt and the tokens before it).
+
+    Returns a 1-D tensor with one log-probability (natural log) per token of
+    tokenizer.encode(continuation); its sum is the log-probability of the
+    whole continuation. Each token sees at most the model's block_size
+    previous tokens, as in generation. model(idx) must return
+    (logits (B, T, V), ...), as gptcourse.gpt.GPT does.
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty str, got {prompt!r}")
+    if not isinstance(continuation, str) or not continuation:
+        raise ValueError(f"continuation must be a non-empty str, got {continuation!r}")
+    p_ids, c_ids = tokenizer.encode(prompt), tokenizer.encode(continuation)
+    ids = p_ids + c_ids
+    block_size = model.config.block_size
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if len(ids) - 1 <= block_size:                   # one pass sees everything
+        idx = torch.tensor([ids[:-1]], device=device)
+        logp = torch.log_softmax(model(idx)[0][0].float(), dim=-1)
+        rows = logp[len(p_ids) - 1:]                 # the positions before each target
+    else:                                            # a sliding window per token
+        rows = []
+        for t in range(len(p_ids), len(ids)):
+            idx = torch.tensor([ids[max(0, t - block_size):t]], device=device)
+            rows.append(torch.log_softmax(model(idx)[0][0, -1].float(), dim=-1))
+        rows = torch.stack(rows)
+    model.train(was_training)
+    targets = torch.tensor(c_ids, device=rows.device)
+    return rows.gather(1, targets[:, None])[:, 0].cpu()
+
+
+def ngram_overlap(samples, corpus, n):
+    """Fraction of the n-character substrings of samples found verbatim in corpus.
+
+    samples is a str or a list of str; every overlapping n-gram counts.
+
+        >>> ngram_overlap(["abca", "abba"], "abcabd", 2)  # ab bc ca | ab bb ba
+        0.6666666666666666
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if isinstance(samples, str):
+        samples = [samples]
+    grams = [s[i:i + n] for s in samples for i in range(len(s) - n + 1)]
+    if not grams:
+        raise ValueError(f"the samples hold no substring of {n} characters")
+    seen = {corpus[i:i + n] for i in range(len(corpus) - n + 1)}
+    return sum(g in seen for g in grams) / len(grams)

@@ -1,0 +1,204 @@
+"""gptcourse.chat's measuring helpers on hand-worked examples: which messages
+fit a window, entropies, continuation log-probabilities, copied n-grams."""
+import math
+
+import pytest
+import torch
+
+from gptcourse.chat import (continuation_logprobs, fit_to_context, format_chat,
+                            next_token_entropy, ngram_overlap)
+from gptcourse.gpt import GPT, GPTConfig
+from gptcourse.tokenizers import BPETokenizer, CharTokenizer
+
+TALK = [{"role": "user", "content": "hi"},            # "User: hi"          8 chars
+        {"role": "assistant", "content": "hello"},    # "Assistant: hello" 16
+        {"role": "user", "content": "bye"}]           # "User: bye"         9
+# + "Assistant:" (10) and a newline between lines: 8+1+16+1+9+1+10 = 46
+SYSTEM = {"role": "system", "content": "Be brief."}   # "System: Be brief." 17
+TOK = CharTokenizer(format_chat([SYSTEM] + TALK))
+
+
+def contents(messages):
+    return [m["content"] for m in messages]
+
+
+# ---------------------------------------------------------------- fit_to_context
+
+
+@pytest.mark.parametrize("block_size,kept", [
+    (100, ["hi", "hello", "bye"]),
+    (46, ["hi", "hello", "bye"]),    # exactly fits
+    (45, ["hello", "bye"]),          # 16+1+9+1+10 = 37
+    (37, ["hello", "bye"]),
+    (36, ["bye"]),                   # 9+1+10 = 20
+    (20, ["bye"]),
+])
+def test_fit_drops_the_oldest_messages(block_size, kept):
+    assert len(TOK.encode(format_chat(TALK))) == 46
+    assert contents(fit_to_context(TALK, TOK, block_size)) == kept
+
+
+def test_fit_keeps_the_system_message():
+    talk = [SYSTEM] + TALK
+    assert len(TOK.encode(format_chat(talk))) == 17 + 1 + 46
+    assert contents(fit_to_context(talk, TOK, 64)) == ["Be brief.", "hi", "hello", "bye"]
+    assert contents(fit_to_context(talk, TOK, 63)) == ["Be brief.", "hello", "bye"]
+    assert contents(fit_to_context(talk, TOK, 38)) == ["Be brief.", "bye"]   # 17+1+20
+    with pytest.raises(ValueError, match="take 38 tokens, more than block_size=37"):
+        fit_to_context(talk, TOK, 37)
+
+
+def test_fit_without_generation_prompt_and_input_untouched():
+    before = [dict(m) for m in TALK]
+    # "User: hi\nAssistant: hello\nUser: bye" = 8+1+16+1+9 = 35
+    assert contents(fit_to_context(TALK, TOK, 35, add_generation_prompt=False)) == \
+        ["hi", "hello", "bye"]
+    assert contents(fit_to_context(TALK, TOK, 34, add_generation_prompt=False)) == \
+        ["hello", "bye"]
+    assert TALK == before
+
+
+def test_fit_counts_the_tokenizers_tokens():
+    # with BPE a token is several characters: more of the talk fits in 20 tokens
+    bpe = BPETokenizer.train(format_chat(TALK) * 20, vocab_size=300)
+    n = len(bpe.encode(format_chat(TALK)))
+    assert n < 20
+    assert contents(fit_to_context(TALK, bpe, n)) == ["hi", "hello", "bye"]
+    assert contents(fit_to_context(TALK, bpe, n - 1)) != ["hi", "hello", "bye"]
+
+
+@pytest.mark.parametrize("block_size", [0, -3, 2.5, None])
+def test_fit_bad_block_size(block_size):
+    with pytest.raises(ValueError, match=f"block_size must be a positive integer, got {block_size!r}"):
+        fit_to_context(TALK, TOK, block_size)
+
+
+def test_fit_bad_messages():
+    with pytest.raises(ValueError, match=r"messages\[1\]\['role'\]"):
+        fit_to_context([TALK[0], {"role": "robot", "content": "x"}], TOK, 50)
+
+
+# ---------------------------------------------------------------- entropy
+
+
+def test_entropy_hand_values():
+    assert next_token_entropy(torch.zeros(4)).item() == pytest.approx(math.log(4))
+    assert next_token_entropy(torch.tensor([0.0, float("-inf")])).item() == 0.0
+    # p = (1/4, 3/4): -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623
+    logits = torch.tensor([0.0, math.log(3)])
+    assert next_token_entropy(logits).item() == pytest.approx(0.562335, abs=1e-6)
+    # T = 2 takes square roots of the odds: p = (1, sqrt 3) / (1 + sqrt 3)
+    q = 1 / (1 + math.sqrt(3))
+    h = -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    assert next_token_entropy(logits, temperature=2).item() == pytest.approx(h, abs=1e-6)
+    # a very sharp distribution: close to 0, never negative
+    assert 0.0 <= next_token_entropy(torch.tensor([0.0, 60.0])).item() < 1e-20
+
+
+def test_entropy_matches_torch_distributions_and_keeps_the_batch_shape():
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    h = next_token_entropy(logits)
+    assert h.shape == (3, 5)
+    torch.testing.assert_close(h, torch.distributions.Categorical(logits=logits).entropy())
+    torch.testing.assert_close(next_token_entropy(logits, 0.5),
+                               torch.distributions.Categorical(logits=logits / 0.5).entropy())
+
+
+@pytest.mark.parametrize("t", [0, -1.0, "1"])
+def test_entropy_bad_temperature(t):
+    with pytest.raises(ValueError, match=f"temperature must be a positive number, got {t!r}"):
+        next_token_entropy(torch.zeros(3), temperature=t)
+
+
+# ---------------------------------------------------------------- continuation_logprobs
+
+
+class Bigram(torch.nn.Module):
+    """A stub language model whose next-token logits depend on the last token only."""
+
+    def __init__(self, table, block_size=16):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(table).log())
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=block_size,
+                                vocab_size=len(table))
+
+    def forward(self, idx):
+        return self.table[idx], None
+
+
+def test_logprobs_of_a_bigram_model_by_hand():
+    tok = CharTokenizer("ab")                      # a -> 0, b -> 1
+    model = Bigram([[0.25, 0.75],                  # after a: P(a) = 1/4, P(b) = 3/4
+                    [0.9, 0.1]])                   # after b: P(a) = 0.9, P(b) = 0.1
+    lp = continuation_logprobs(model, tok, "a", "bab")
+    # P(b | a) P(a | b) P(b | a) = 0.75 * 0.9 * 0.75
+    torch.testing.assert_close(lp, torch.tensor([0.75, 0.9, 0.75]).log())
+    assert lp.sum().exp().item() == pytest.approx(0.50625)
+    # the prompt's last token is what matters to a bigram model
+    torch.testing.assert_close(continuation_logprobs(model, tok, "bab", "a"),
+                               torch.tensor([0.9]).log())
+    torch.testing.assert_close(continuation_logprobs(model, tok, "aba", "a"),
+                               torch.tensor([0.25]).log())
+    # the sliding-window path (context longer than block_size) gives the same numbers
+    short = Bigram([[0.25, 0.75], [0.9, 0.1]], block_size=2)
+    torch.testing.assert_close(continuation_logprobs(short, tok, "ab", "abba"),
+                               torch.tensor([0.9, 0.75, 0.1, 0.9]).log())
+
+
+def test_logprobs_of_a_gpt_match_its_loss_and_its_window():
+    torch.manual_seed(0)
+    tok = CharTokenizer("abcdefgh ")
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=tok.vocab_size))
+    model.train()                                   # it must evaluate without dropout, then restore
+    # fits in one window: the mean of -log p is the model's own cross-entropy loss
+    lp = continuation_logprobs(model, tok, "a", "bcdef")
+    assert model.training is True
+    ids = torch.tensor([tok.encode("abcdef")])
+    _, loss = model.eval()(ids[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(-lp.mean(), loss)
+    full = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
+    torch.testing.assert_close(continuation_logprobs(model, tok, "ab", "cdef"),
+                               full[1:, ids[0, 2:]].diagonal())
+    assert model.training is False
+    model.train()
+    continuation_logprobs(model, tok, "ab", "cdef")
+    assert model.training is True
+    # longer than the window: each token sees only the 8 tokens before it
+    text = "abcdefgh abcdefgh"
+    lp = continuation_logprobs(model, tok, text[:10], text[10:])
+    ids = tok.encode(text)
+    model.eval()
+    for k, t in enumerate(range(10, len(text))):
+        ctx = torch.tensor([ids[t - 8:t]])
+        expected = torch.log_softmax(model(ctx)[0][0, -1], -1)[ids[t]]
+        torch.testing.assert_close(lp[k], expected)
+
+
+def test_logprobs_bad_inputs():
+    tok = CharTokenizer("ab")
+    model = Bigram([[0.5, 0.5], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="prompt must be a non-empty str, got ''"):
+        continuation_logprobs(model, tok, "", "a")
+    with pytest.raises(ValueError, match="continuation must be a non-empty str, got ''"):
+        continuation_logprobs(model, tok, "a", "")
+
+
+# ---------------------------------------------------------------- ngram_overlap
+
+
+def test_ngram_overlap_by_hand():
+    corpus = "abcabd"                                   # bigrams ab bc ca ab bd
+    assert ngram_overlap("abca", corpus, 2) == 1.0       # ab bc ca: all seen
+    assert ngram_overlap("abba", corpus, 2) == pytest.approx(1 / 3)   # ab | bb ba
+    assert ngram_overlap(["abca", "abba"], corpus, 2) == pytest.approx(4 / 6)
+    assert ngram_overlap(["abca", "x"], corpus, 2) == 1.0   # too short: no n-grams
+    assert ngram_overlap("abcabd", corpus, 6) == 1.0
+    assert ngram_overlap("abcabc", corpus, 6) == 0.0
+    assert ngram_overlap("zzzz", corpus, 1) == 0.0
+
+
+def test_ngram_overlap_bad_inputs():
+    with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
+        ngram_overlap("abc", "abc", 0)
+    with pytest.raises(ValueError, match="no substring of 5 characters"):
+        ngram_overlap(["abc", "ab"], "abcabc", 5)
