@@ -190,6 +190,7 @@ def ngram_overlap(samples, corpus, n):
     """Fraction of the n-character substrings of samples found verbatim in corpus.
 
     samples is a str or a list of str; every overlapping n-gram counts.
+    corpus is a str, or the set of its n-grams (to reuse it across calls).
 
         >>> ngram_overlap(["abca", "abba"], "abcabd", 2)  # ab bc ca | ab bb ba
         0.6666666666666666
@@ -201,5 +202,12 @@ def ngram_overlap(samples, corpus, n):
     grams = [s[i:i + n] for s in samples for i in range(len(s) - n + 1)]
     if not grams:
         raise ValueError(f"the samples hold no substring of {n} characters")
-    seen = {corpus[i:i + n] for i in range(len(corpus) - n + 1)}
+    if isinstance(corpus, str):
+        seen = {corpus[i:i + n] for i in range(len(corpus) - n + 1)}
+    elif isinstance(corpus, (set, frozenset)):
+        seen = corpus
+        if any(len(g) != n for g in seen):
+            raise ValueError(f"corpus is a set of n-grams: every one must have n={n} characters")
+    else:
+        raise ValueError(f"corpus must be a str or a set of n-grams, got {type(corpus).__name__}")
     return sum(g in seen for g in grams) / len(grams)

@@ -197,6 +197,14 @@ def test_ngram_overlap_by_hand():
     assert ngram_overlap("zzzz", corpus, 1) == 0.0
 
 
+def test_ngram_overlap_with_a_precomputed_set():
+    assert ngram_overlap(["abca", "abba"], {"ab", "bc", "ca", "bd"}, 2) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="every one must have n=2 characters"):
+        ngram_overlap("abca", {"ab", "abc"}, 2)
+    with pytest.raises(ValueError, match="corpus must be a str or a set of n-grams, got list"):
+        ngram_overlap("abca", ["ab"], 2)
+
+
 def test_ngram_overlap_bad_inputs():
     with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
         ngram_overlap("abc", "abc", 0)
