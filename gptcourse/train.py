@@ -59,6 +59,7 @@ def lm_batches(train_data, val_data, block_size, batch_size, seed=0, device="cpu
 
     def batches(split):
         return get_batch(data[split], block_size, batch_size, generator=gens[split], device=device)
+    batches.generators = gens      # their states go into checkpoints (gptcourse.distributed)
     return batches
 
 
@@ -78,6 +79,47 @@ def _default_loss(model, *batch):
     """The model returns (output, loss) given a whole batch, as GPT(x, y) and
     Seq2Seq(src, src_lengths, tgt_in, tgt_out) do."""
     return model(*batch)[1]
+
+
+def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.99), device="cpu"):
+    """AdamW with weight decay on matrices only (not on biases, LayerNorm
+    gains); the fused CUDA kernel on a GPU."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=betas, **({"fused": True} if torch.device(device).type == "cuda" else {}))
+
+
+def training_step(model, optimizer, batch, lr, loss_fn=_default_loss, ctx=None, scaler=None,
+                  grad_clip=1.0):
+    """One optimisation step on one batch (a list of tensors already on the
+    model's device): set the learning rate, forward under `ctx` (autocast),
+    backward (through `scaler` for fp16), clip the gradient norm to
+    grad_clip (0/None: no clipping), AdamW update. Returns the loss tensor.
+
+    `model` may be wrapped (torch.compile, DistributedDataParallel): the
+    distributed trainer (gptcourse.distributed) and the GPU benchmark take
+    the same step as `train`.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with ctx if ctx is not None else nullcontext():
+        loss = loss_fn(model, *batch)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss
 
 
 @dataclass
@@ -110,7 +152,7 @@ def estimate_loss(model, batches, loss_fn=_default_loss, eval_batches=20, device
 
 def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_fn=_default_loss,
           weight_decay=0.1, betas=(0.9, 0.99), grad_clip=1.0, eval_every=None, eval_batches=20,
-          device=None, seed=None, progress=True, desc="training"):
+          device=None, seed=None, progress=True, desc="training", compile=False):
     """Train `model` in place with AdamW for `steps` steps; returns a History.
 
     The learning rate follows `learning_rate` (warm-up, then constant or a
@@ -118,7 +160,8 @@ def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_f
     biases, LayerNorm gains).
     Evaluates train/val loss at step 0, every `eval_every` steps and at the
     end. On a GPU it trains under bf16 autocast (fp16 with a grad scaler
-    where bf16 is missing).
+    where bf16 is missing) with the fused AdamW kernel; compile=True runs
+    the model through torch.compile (worth it on a GPU for long runs).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -129,18 +172,17 @@ def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_f
     device = pick_device(device)
     model.to(device)
     model.train()
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=betas, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = make_optimizer(model, lr, weight_decay, betas, device)
     ctx, use_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    # torch.compile traces the model into fused kernels on its first call
+    # (seconds to a minute), then runs faster; the weights stay `model`'s.
+    net = torch.compile(model) if compile else model
     eval_every = eval_every or max(1, steps // 10)
     history = History()
 
     def evaluate(step):
-        losses = estimate_loss(model, batches, loss_fn, eval_batches, device)
+        losses = estimate_loss(net, batches, loss_fn, eval_batches, device)
         history.eval_steps.append(step)
         history.train_loss.append(losses["train"])
         history.val_loss.append(losses["val"])
@@ -149,24 +191,8 @@ def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_f
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=0.5)
     for step in bar:
         step_lr = learning_rate(step, steps, lr, warmup_steps, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
         batch = [t.to(device, non_blocking=True) for t in batches("train")]
-        with ctx:
-            loss = loss_fn(model, *batch)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        loss = training_step(net, optimizer, batch, step_lr, loss_fn, ctx, scaler, grad_clip)
         history.step_loss.append(loss.item())
         history.lr.append(step_lr)
         if step % eval_every == 0 or step == steps:
