@@ -184,8 +184,10 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
                     if getattr(settings, f.name) != getattr(saved, f.name)}
             raise ValueError(f"settings differ from the checkpoint's {resume} (given, saved): {diff}")
         settings = saved
-    settings = settings or Settings()
-    s = settings
+    s = settings or Settings()
+    if s.batch_size % world:
+        raise ValueError(f"the global batch_size={s.batch_size} must be divisible by "
+                         f"the number of processes world_size={world}")
 
     text = load_corpus(s.corpus)
     tok = CharTokenizer(text)
@@ -200,7 +202,7 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
     ctx, use_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     train_gen = torch.Generator().manual_seed(s.seed)          # identical on every rank
-    eval_batches = lm_batches(train_data, val_data, s.block_size, s.batch_size, s.seed + 1)
+    eval_data = lm_batches(train_data, val_data, s.block_size, s.batch_size, s.seed + 1)
     history, start = History(), 0
 
     if ckpt is not None:
@@ -209,7 +211,7 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         train_gen.set_state(ckpt["data"]["train"])
-        for split, gen in eval_batches.generators.items():
+        for split, gen in eval_data.generators.items():
             gen.set_state(ckpt["data"]["eval_" + split])
         if rank < len(ckpt["rng"]):       # resumed on as many ranks or more: rank r's own state
             _set_rng_state(ckpt["rng"][rank], device)
@@ -224,7 +226,7 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
 
     def evaluate(step):
         if rank == 0:
-            losses = estimate_loss(model, eval_batches, eval_batches=s.eval_batches, device=device)
+            losses = estimate_loss(model, eval_data, eval_batches=s.eval_batches, device=device)
             history.eval_steps.append(step)
             history.train_loss.append(losses["train"])
             history.val_loss.append(losses["val"])
@@ -240,7 +242,7 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
                  "step": step, "settings": asdict(s), "config": asdict(config),
                  "history": asdict(history), "world_size": world, "rng": rngs,
                  "data": {"train": train_gen.get_state(),
-                          **{"eval_" + k: g.get_state() for k, g in eval_batches.generators.items()}}}
+                          **{"eval_" + k: g.get_state() for k, g in eval_data.generators.items()}}}
         save_checkpoint(Path(out_dir) / "ckpt.pt", state, rank)
 
     if start == 0:
@@ -294,9 +296,10 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None}
+    first = 1
     if args.resume:                       # the checkpoint's settings, unless told otherwise
-        saved = Settings(**load_checkpoint(args.resume)["settings"])
-        settings = Settings(**{**asdict(saved), **given})
+        ckpt = load_checkpoint(args.resume)
+        settings, first = Settings(**{**ckpt["settings"], **given}), ckpt["step"] + 1
     else:
         settings = Settings(**given)
     device = setup(args.device)
@@ -311,7 +314,7 @@ def main(argv=None):
                       resume=args.resume, stop_at=args.stop_at, compile=args.compile,
                       progress=not args.no_progress)
         if rank == 0:
-            print(f"steps {len(h.step_loss)} in {time.perf_counter() - start:.1f} s; "
+            print(f"steps {first}..{len(h.step_loss)} in {time.perf_counter() - start:.1f} s; "
                   f"last step loss {h.step_loss[-1]:.4f}; val loss at steps {h.eval_steps}: "
                   + ", ".join(f"{v:.3f}" for v in h.val_loss), flush=True)
     finally:

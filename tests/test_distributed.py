@@ -220,3 +220,9 @@ def test_output_comparer_tolerances():
     assert compare("same: True", "same: False") == "text"
     assert compare("loss nan", "loss 1.5") == "numbers"
     assert compare("loss 1.5", "loss 1.6", rtol=0.1, atol=0) == "close"
+
+
+def test_gpu_check_script_parses():
+    done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
