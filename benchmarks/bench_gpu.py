@@ -31,7 +31,7 @@ import torch
 
 from gptcourse.data import get_batch
 from gptcourse.gpt import GPT, GPTConfig, count_params
-from gptcourse.train import autocast_for, learning_rate, make_optimizer, training_step
+from gptcourse.train import autocast_for, compiled, learning_rate, make_optimizer, training_step
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from NVIDIA's data sheets;
 # fp16 for GPUs without bf16. First match in the device name wins.
@@ -85,7 +85,7 @@ def bench(config, batch_size, device, warmup, steps, compile):
     optimizer = make_optimizer(model, 6e-4, device=device)
     ctx, use_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    net = torch.compile(model) if compile else model
+    net = compiled(model, compile)
     data = torch.randint(config.vocab_size, (2**22,), generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
     total = warmup + steps

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .data import get_batch, load_corpus, train_val_split
 from .gpt import GPT, GPTConfig
 from .tokenizers import CharTokenizer
-from .train import (History, autocast_for, estimate_loss, learning_rate, lm_batches,
+from .train import (History, autocast_for, compiled, estimate_loss, learning_rate, lm_batches,
                     make_optimizer, pick_device, seed_everything, training_step)
 
 
@@ -217,7 +217,7 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
             _set_rng_state(ckpt["rng"][rank], device)
         history, start = History(**ckpt["history"]), ckpt["step"]
 
-    net = torch.compile(model) if compile else model
+    net = compiled(model, compile)
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -81,6 +81,16 @@ def _default_loss(model, *batch):
     return model(*batch)[1]
 
 
+def compiled(model, compile=True):
+    """torch.compile(model) (compile: True or a dict of its options, e.g.
+    {"mode": "max-autotune"}), or model itself when compile is falsy.
+    The compiled module traces the model into fused kernels on its first
+    call (seconds to a minute), then runs faster; it shares model's weights."""
+    if not compile:
+        return model
+    return torch.compile(model, **(compile if isinstance(compile, dict) else {}))
+
+
 def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.99), device="cpu"):
     """AdamW with weight decay on matrices only (not on biases, LayerNorm
     gains); the fused CUDA kernel on a GPU."""
@@ -160,8 +170,9 @@ def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_f
     biases, LayerNorm gains).
     Evaluates train/val loss at step 0, every `eval_every` steps and at the
     end. On a GPU it trains under bf16 autocast (fp16 with a grad scaler
-    where bf16 is missing) with the fused AdamW kernel; compile=True runs
-    the model through torch.compile (worth it on a GPU for long runs).
+    where bf16 is missing) with the fused AdamW kernel; compile=True (or a
+    dict of torch.compile options) runs the model through torch.compile,
+    worth it on a GPU for long runs.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -175,9 +186,7 @@ def train(model, batches, *, steps, lr=1e-3, warmup_steps=0, min_lr=None, loss_f
     optimizer = make_optimizer(model, lr, weight_decay, betas, device)
     ctx, use_scaler = autocast_for(device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    # torch.compile traces the model into fused kernels on its first call
-    # (seconds to a minute), then runs faster; the weights stay `model`'s.
-    net = torch.compile(model) if compile else model
+    net = compiled(model, compile)
     eval_every = eval_every or max(1, steps // 10)
     history = History()
 

@@ -128,6 +128,29 @@ def test_checkpoints_are_written_by_rank_0_only_and_atomically(tmp_path):
     assert loaded["step"] == 3 and torch.equal(loaded["w"], state["w"])
 
 
+def test_train_compile_runs_the_compiled_model(corpus):
+    # A torch.compile backend that records the graphs it is given and runs
+    # them as they are: the compile path is taken, and the numbers are those
+    # of the eager model. (Inductor, the real backend, takes ~80 s to compile
+    # even this model on this CPU: scripts/gpu_check.sh runs it on a GPU.)
+    tok, train_data, val_data = corpus
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    runs = []
+    for compile in (False, {"backend": backend}):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_name("course-tiny", vocab_size=tok.vocab_size))
+        runs.append(train(model, lm_batches(train_data, val_data, 32, 8), steps=3, eval_every=3,
+                          eval_batches=1, device="cpu", seed=0, progress=False, compile=compile))
+    assert len(graphs) >= 2                      # traced in training and in eval mode
+    assert runs[1].step_loss == runs[0].step_loss     # exactly: the same ops, traced
+    assert runs[1].val_loss == runs[0].val_loss
+
+
 # ----------------------------------------------------------------------------
 # two processes (torchrun, gloo) against one
 # ----------------------------------------------------------------------------
@@ -226,3 +249,25 @@ def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_output_comparer_runs_a_notebook(tmp_path, capsys):
+    run = _load("compare_outputs", "scripts/compare_outputs.py").run
+
+    def notebook(cells):
+        nb = {"cells": [{"cell_type": "code", "metadata": {"tags": tags}, "source": [src],
+                         "outputs": [{"output_type": "stream", "name": "stdout", "text": [out]}]}
+                        for src, out, tags in cells]}
+        path = tmp_path / f"nb{len(list(tmp_path.iterdir()))}.ipynb"
+        path.write_text(json.dumps(nb))
+        return str(path)
+
+    device = ("print('device: cuda')", "device: cpu\n", [])
+    assert run(notebook([device, ("print(round(1.4603, 3))", "1.47\n", [])])) == "PASS"
+    assert run(notebook([device, ("print(1.7)", "1.46\n", [])])) == "FAIL"
+    assert run(notebook([("print('abc')", "abd\n", [])])) == "CHECK"
+    assert run(notebook([("print('x')", "y\n", ["nbval-ignore-output"]),
+                         ("raise KeyError", "", ["nbval-skip"])])) == "PASS"
+    assert run(notebook([("1 / 0", "", [])])) == "FAIL"
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "cell 1: numbers differ" in out and "cell 0 raised" in out
