@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 import socket
 import socketserver
 import sys
@@ -642,6 +643,10 @@ def load_checkpoint(path, device=None):
     return model.to(pick_device(device)).eval(), tokenizer
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m gptcourse.serve",
@@ -692,6 +697,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"serving {args.model_name} at {server.url}/v1 (Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops it as cleanly as Ctrl-C
     server.wait()
     print("stopped", flush=True)
 

@@ -396,7 +396,8 @@ def test_cli_help():
         assert flag in r.stdout
 
 
-def test_cli_serves_a_checkpoint_until_interrupted(tmp_path, model, tok):
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])     # Ctrl-C, kill
+def test_cli_serves_a_checkpoint_until_stopped(tmp_path, model, tok, stop_signal):
     path = tmp_path / "model.pt"
     save_checkpoint(path, model, tok)
     cmd = [sys.executable, "-m", "gptcourse.serve", "--checkpoint", str(path), "--port", "0",
@@ -413,12 +414,14 @@ def test_cli_serves_a_checkpoint_until_interrupted(tmp_path, model, tok):
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == NAME
         conn.close()
-        proc.send_signal(signal.SIGINT)                 # Ctrl-C
+        proc.send_signal(getattr(signal, stop_signal))
         assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stdout.read()
     finally:
         proc.kill()
         proc.wait()
+    if stop_signal == "SIGTERM":
+        return
     # a public address is refused from the command line too
     r = subprocess.run(cmd[:-2] + ["--host", "0.0.0.0"], capture_output=True, text=True,
                        timeout=60, env=_env())
