@@ -128,6 +128,8 @@ def parse_request(body, model_name, tokenizer, max_tokens_cap=MAX_TOKENS_CAP,
                        param=unknown[0], code="unknown_parameter")
     if "model" not in body:
         raise APIError(400, "missing required field 'model'", param="model")
+    if not isinstance(body["model"], str):
+        raise APIError(400, f"model must be a string, got {body['model']!r}", param="model")
     if body["model"] != model_name:
         raise APIError(404, f"The model {body['model']!r} does not exist; this server serves "
                             f"{model_name!r} (see GET /v1/models)",

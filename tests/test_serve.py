@@ -20,7 +20,7 @@ import torch
 
 from gptcourse.chat import format_chat
 from gptcourse.gpt import GPT, GPTConfig
-from gptcourse.serve import (TURN_STOPS, load_checkpoint, save_checkpoint, serve)
+from gptcourse.serve import TURN_STOPS, load_checkpoint, save_checkpoint, serve
 from gptcourse.tokenizers import CharTokenizer
 
 NAME = "gptcourse-char"
@@ -218,6 +218,7 @@ BAD = {
     "deep nesting": (400, "POST", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000),
     "no model": (400, "POST", "/v1/chat/completions", {"messages": HI}),
     "unknown model": (404, "POST", "/v1/chat/completions", body(model="gpt-4")),
+    "model not a str": (400, "POST", "/v1/chat/completions", body(model=5)),
     "no messages": (400, "POST", "/v1/chat/completions", {"model": NAME}),
     "empty messages": (400, "POST", "/v1/chat/completions", body(messages=[])),
     "messages not a list": (400, "POST", "/v1/chat/completions", body(messages="hi")),
