@@ -16,8 +16,11 @@ book: install assets
 
 # CPU results depend on the thread count (a parallel sum adds in another order),
 # so notebooks are executed and compared with one thread, on any machine.
+# The chapters run in tests/test_colab.py, each once, as Colab runs them (a fresh
+# environment, gptcourse installed by the first cell) under nbval, strict; the
+# exercises run here under nbval. The times go to _build/test-report.xml (make bench).
 test: install assets browser
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests gptcourse chapters exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests gptcourse exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q --junitxml=_build/test-report.xml
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -53,6 +56,9 @@ outputs: install
 clean:
 	rm -rf _build .jupyter_cache
 
-# Speed of the core, as ratios measured side by side (not part of `make test`).
-bench: install
-	$(BIN)/python benchmarks/bench_core.py --full
+# Speed, as ratios measured side by side in one run (not part of `make test`): the core,
+# cold vs warm `make book`, and the per-notebook times of the last `make test`.
+# `make bench BENCH=--no-book` skips the cold and warm book builds (5-10 min of both cores).
+BENCH ?= --full
+bench: install assets
+	$(BIN)/python benchmarks/bench_all.py $(BENCH)

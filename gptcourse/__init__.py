@@ -8,6 +8,10 @@ One module per idea:
     gpt          GPTConfig (GPT-2 / GPT-3 presets), count_params, GPT with a KV cache
     sampling     greedy, temperature, top-k, top-p
     train        one training loop, device pick, seeding
+    distributed  the same loop on many processes: torchrun, DDP, checkpoint and resume
+    chat         the chat transcript format, context-window fitting, the course model
+    serve        an OpenAI-compatible chat-completions HTTP server (python -m gptcourse.serve)
+    tools        tool calling: a call syntax, its parser, safe tools, the tool loop
     viz          attention heatmaps and loss curves
 """
 __version__ = "0.1.0"
