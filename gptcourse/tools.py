@@ -307,14 +307,16 @@ def make_tokenizer():
     return CharTokenizer(ALPHABET)
 
 
-def encode_examples(problems, tokenizer, block_size, mask_result=False):
+def encode_examples(problems, tokenizer, block_size, mask_result=True):
     """Training tensors x, y: (N, block_size) each, one problem per row.
 
     Row i is format_example(problems[i]) from position 0, padded with
     newlines. y is x shifted by one, with -100 (ignored by the loss) where
     the next token is part of the prompt (the model is not asked to predict
-    the question), past the end of the example, and, if mask_result, inside
-    the tool's result "[...]".
+    the question), past the end of the example, and, if mask_result, for
+    the tool's result "[...]": the program writes it, the model must not
+    learn to invent it. (Trained to predict it too, the course's model
+    learns to copy the result into its answer far more slowly.)
     """
     n = len(problems)
     x = torch.full((n, block_size), tokenizer.encode("\n")[0], dtype=torch.long)
@@ -422,8 +424,12 @@ def sanitize_result(text, tokenizer, max_chars=40):
 
 def answer_of(line):
     """The final answer in the line the model wrote: what follows the last
-    tool result ']' (or the whole line), stripped."""
-    return line.rsplit("]", 1)[-1].strip()
+    tool result ']' or call '</name>' (or the whole line), stripped.
+
+    >>> answer_of("<calc>6*7</calc>[42] 42"), answer_of("<calc>6*7</calc>41")
+    ('42', '41')
+    """
+    return re.split(r"[\]>]", line)[-1].strip()
 
 
 def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max_calls=2,
@@ -519,7 +525,7 @@ def tool_data(n_train=20000, n_val=500, n_test=200, seed=0, max_digits=MAX_DIGIT
 
 
 def train_tool_model(steps=1500, seed=0, batch_size=32, lr=3e-3, device=None, progress=True,
-                     mask_result=False, n_train=20000, max_digits=MAX_DIGITS, **config_overrides):
+                     mask_result=True, n_train=20000, max_digits=MAX_DIGITS, **config_overrides):
     """Train the course's tool-calling GPT; returns (model, tokenizer, history, (train, val, test))."""
     from .gpt import GPT
     from .train import pick_device, seed_everything, train
