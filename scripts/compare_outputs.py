@@ -22,9 +22,6 @@ trained in bf16: look at the printed difference), FAIL (a cell raised or a
 number is out of tolerance). Exit status 1 on FAIL, else 0.
 """
 import argparse
-import contextlib
-import io
-import json
 import math
 import re
 import sys
@@ -33,7 +30,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_notebook_code  # noqa: E402,F401  (Agg backend; stands in for ipywidgets if absent)
+# run_notebook_code: the Agg backend, a stand-in for ipywidgets if absent, the cell runner
+from run_notebook_code import CellError, run_cells  # noqa: E402
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?\b(?:nan|inf)\b")
 DEVICE = [(re.compile(r",\s*device='(?:cuda|mps)(?::\d+)?'"), ""),
@@ -89,34 +87,20 @@ def compare(stored, now, rtol=0.05, atol=0.02):
 
 def run(path, rtol=0.05, atol=0.02, show=3):
     """Run one notebook; print its differences and a verdict line. Returns the verdict."""
-    nb = json.loads(Path(path).read_text())
-    namespace = {"__name__": "__main__", "display": print}
     counts = {"same": 0, "close": 0, "numbers": 0, "text": 0}
     shown, start = 0, time.perf_counter()
-    for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] != "code":
-            continue
-        tags = cell.get("metadata", {}).get("tags", [])
-        if "nbval-skip" in tags:
-            continue
-        buffer = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buffer):
-                exec(compile("".join(cell["source"]), f"{path}:cell{i}", "exec"), namespace)
-        except Exception:
-            traceback.print_exc()
-            print(f"FAIL {path}: cell {i} raised ({time.perf_counter() - start:.0f} s)")
-            return "FAIL"
-        if "nbval-ignore-output" in tags:
-            continue
-        stored = "".join("".join(o["text"]) for o in cell.get("outputs", [])
-                         if o.get("output_type") == "stream" and o.get("name") == "stdout")
-        verdict = compare(stored, buffer.getvalue(), rtol, atol)
-        counts[verdict] += 1
-        if verdict in ("numbers", "text") and shown < show:
-            shown += 1
-            print(f"--- cell {i}: {verdict} differ\n    stored: {stored[:600]!r}\n"
-                  f"    now:    {buffer.getvalue()[:600]!r}")
+    try:
+        for i, stored, now in run_cells(path):
+            verdict = compare(stored, now, rtol, atol)
+            counts[verdict] += 1
+            if verdict in ("numbers", "text") and shown < show:
+                shown += 1
+                print(f"--- cell {i}: {verdict} differ\n    stored: {stored[:600]!r}\n"
+                      f"    now:    {now[:600]!r}")
+    except CellError as err:
+        traceback.print_exc()
+        print(f"FAIL {path}: cell {err.cell} raised ({time.perf_counter() - start:.0f} s)")
+        return "FAIL"
     verdict = "FAIL" if counts["numbers"] else "CHECK" if counts["text"] else "PASS"
     print(f"{verdict} {path}: {counts['same']} cells same, {counts['close']} within tolerance, "
           f"{counts['numbers']} numbers out of tolerance, {counts['text']} text differs "

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import types
+from pathlib import Path
 
 import matplotlib
 
@@ -45,30 +46,52 @@ except ImportError:
     sys.modules["ipywidgets"] = stub
 
 
-def run(path):
-    nb = json.load(open(path))
+class CellError(Exception):
+    """A code cell raised; `cell` is its index in the notebook (the cause is chained)."""
+
+    def __init__(self, path, cell):
+        super().__init__(f"{path}: cell {cell} raised")
+        self.cell = cell
+
+
+def run_cells(path):
+    """Run the notebook's code cells in order, in one namespace, printing nothing.
+
+    Cells tagged nbval-skip are skipped; the others run. Yields, for each
+    cell whose output nbval would compare (not nbval-ignore-output: widgets,
+    timings), (index, stored stdout, stdout now). A cell that raises ends
+    the run with CellError.
+    """
+    nb = json.loads(Path(path).read_text())
     namespace = {"__name__": "__main__", "display": print}
-    same = differ = 0
-    start = time.perf_counter()
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "code":
             continue
         tags = cell.get("metadata", {}).get("tags", [])
         if "nbval-skip" in tags:
             continue
-        source = "".join(cell["source"])
         buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            exec(compile(source, f"{path}:cell{i}", "exec"), namespace)
-        if "nbval-ignore-output" in tags:           # widgets, timings: run, don't compare
+        try:
+            with contextlib.redirect_stdout(buffer):
+                exec(compile("".join(cell["source"]), f"{path}:cell{i}", "exec"), namespace)
+        except Exception as err:
+            raise CellError(path, i) from err
+        if "nbval-ignore-output" in tags:
             continue
         stored = "".join("".join(o["text"]) for o in cell.get("outputs", [])
                          if o.get("output_type") == "stream" and o.get("name") == "stdout")
-        if buffer.getvalue() == stored:
+        yield i, stored, buffer.getvalue()
+
+
+def run(path):
+    same = differ = 0
+    start = time.perf_counter()
+    for i, stored, now in run_cells(path):
+        if now == stored:
             same += 1
         else:
             differ += 1
-            print(f"--- cell {i} differs\n    stored: {stored!r}\n    now:    {buffer.getvalue()!r}")
+            print(f"--- cell {i} differs\n    stored: {stored!r}\n    now:    {now!r}")
     print(f"{path}: ran in {time.perf_counter() - start:.1f} s; "
           f"{same} cells print what is stored, {differ} differ")
 
