@@ -195,8 +195,23 @@ class GPT(nn.Module):
         keys/values of earlier positions (KV cache). Once the sequence no longer
         fits in block_size, the positions shift, so it recomputes the last
         block_size tokens each step, exactly as use_cache=False always does.
-        temperature=0 is greedy decoding.
+        temperature=0 is greedy decoding. The steps are those of `stream`.
         """
+        steps = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+        was_training = self.training
+        self.eval()
+        try:
+            for next_id in steps:
+                idx = torch.cat([idx, next_id], dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True, generator=None):
+        """The decoding loop of `generate`, one step at a time: an iterator over
+        the (B, 1) ids of each new token (for streaming, or stopping early).
+        The model should be in eval mode (generate sets it)."""
         if not self.config.causal:
             raise ValueError("generate needs a causal model (GPTConfig(causal=True)); a bidirectional "
                              "model fills in blanks instead: see gptcourse.bert.fill_in")
@@ -204,23 +219,25 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be a (B, T) tensor with T >= 1, got {tuple(idx.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        was_training = self.training
-        self.eval()
+        return self._decode(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+
+    @torch.no_grad()
+    def _decode(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
         block_size = self.config.block_size
-        caches, step_input = None, idx[:, -block_size:]
+        length = idx.shape[1]                          # the whole sequence so far
+        window = idx[:, -block_size:]                  # what the model can see
+        caches, step_input = None, window
         for _ in range(max_new_tokens):
-            if use_cache and idx.shape[1] <= block_size:
+            if use_cache and length <= block_size:
                 if caches is None:                     # first step: fill the cache with the prompt
                     caches = [KVCache() for _ in self.blocks]
-                    step_input = idx
                 logits, _ = self(step_input, caches=caches)
             else:                                      # recompute the whole (cropped) context
-                logits, _ = self(idx[:, -block_size:])
+                logits, _ = self(window)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_id], dim=1)
-            step_input = next_id
-        self.train(was_training)
-        return idx
+            window = torch.cat([window, next_id], dim=1)[:, -block_size:]
+            step_input, length = next_id, length + 1
+            yield next_id
 
 
 # ----------------------------------------------------------------------------

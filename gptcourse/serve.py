@@ -61,9 +61,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from .attention import KVCache
 from .chat import ROLE_NAMES, check_messages, format_chat
-from .sampling import sample_next
 
 log = logging.getLogger("gptcourse.serve")
 
@@ -214,28 +212,17 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=No
                     generator=None, lock=None):
     """Yield the ids of up to max_new_tokens new tokens, one at a time.
 
-    The same tokens as ``model.generate(torch.tensor([prompt_ids]), ...)``:
-    the same KV-cache / crop-to-block_size steps and the same sampling calls,
-    so greedy decoding, or sampling with equally seeded generators, agrees
-    exactly. Only the last block_size tokens are kept. Each model call holds
-    `lock` (if given), so several threads can share one model.
+    The steps of ``model.generate(torch.tensor([prompt_ids]), ...)``
+    (``GPT.stream``), so greedy decoding, or sampling with equally seeded
+    generators, agrees exactly. Each model call holds `lock` (if given), so
+    several threads can share one model.
     """
     device = next(model.parameters()).device
-    block_size = model.config.block_size
-    length = len(prompt_ids)                          # the whole sequence so far
-    window = torch.tensor([prompt_ids[-block_size:]], dtype=torch.long, device=device)  # (1, T)
-    caches, step_input = None, window
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)              # (1, T)
+    steps = model.stream(idx, max_new_tokens, temperature, None, top_p, generator=generator)
     for _ in range(max_new_tokens):
-        with lock or nullcontext(), torch.no_grad():
-            if length <= block_size:                  # it fits: KV cache, as generate does
-                if caches is None:
-                    caches = [KVCache() for _ in model.blocks]
-                logits, _ = model(step_input, caches=caches)
-            else:                                     # recompute the last block_size tokens
-                logits, _ = model(window)
-            next_id = sample_next(logits[:, -1, :], temperature, None, top_p, generator)
-        window = torch.cat([window, next_id], dim=1)[:, -block_size:]
-        step_input, length = next_id, length + 1
+        with lock or nullcontext():
+            next_id = next(steps)
         yield next_id.item()
 
 
