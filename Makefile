@@ -6,7 +6,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-JB     := $(BIN)/jupyter-book build . -W -n --keep-going
+# Every run that records or compares the notebooks' outputs goes through PIN: one
+# thread and every CPU kernel choice pinned (scripts/pinned_cpu.py, the one place),
+# so the stored outputs are the same bits on any x86-64 CPU, Intel or AMD.
+PIN    := $(BIN)/python scripts/pinned_cpu.py --
+JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
 .PHONY: book test install assets browser unit notebooks html outputs bench clean
@@ -14,13 +18,11 @@ NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.
 book: install assets
 	$(JB)
 
-# CPU results depend on the thread count (a parallel sum adds in another order),
-# so notebooks are executed and compared with one thread, on any machine.
 # The chapters run in tests/test_colab.py, each once, as Colab runs them (a fresh
 # environment, gptcourse installed by the first cell) under nbval, strict; the
 # exercises run here under nbval. The times go to _build/test-report.xml (make bench).
 test: install assets browser
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests gptcourse exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q --junitxml=_build/test-report.xml
+	$(PIN) $(BIN)/python -m pytest tests gptcourse exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q --junitxml=_build/test-report.xml
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -51,7 +53,7 @@ browser:
 #   make outputs NB=chapters/03_*.ipynb one chapter
 NB ?= chapters/[0-9]*.ipynb
 outputs: install
-	OMP_NUM_THREADS=1 $(BIN)/python scripts/execute_notebooks.py $(NB)
+	$(PIN) $(BIN)/python scripts/execute_notebooks.py $(NB)
 
 clean:
 	rm -rf _build .jupyter_cache

@@ -22,7 +22,8 @@ same on this machine, without the network:
    packages import, gptcourse does not, and nothing of the repository is on
    sys.path.
 4. nbval (strict, with the repository's sanitize file) runs the copy in a
-   kernel of that environment, OMP_NUM_THREADS=1, pip offline
+   kernel of that environment, with one thread and every CPU kernel choice
+   pinned (scripts/pinned_cpu.py, as for every recording), pip offline
    (PIP_NO_INDEX): a dependency the preinstalled packages do not satisfy
    fails instead of being downloaded.
 5. Afterwards the environment holds exactly one new distribution, gptcourse:
@@ -46,6 +47,8 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import pinned_cpu  # noqa: E402  (the one place the CPU settings live)
 # What a Colab runtime has preinstalled that the course uses. tqdm is there
 # too (gptcourse requires it); pip is in every environment.
 PREINSTALLED = ("torch", "numpy", "matplotlib", "ipywidgets", "ipykernel", "tqdm", "pip")
@@ -166,8 +169,10 @@ def clean_env(**extra):
 
 def kernel_env():
     """What the kernel (and the pip its first cell runs) sees on top of the
-    environment: one thread, pip offline and quiet about root and versions."""
-    return {"OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    environment: the pinned CPU settings (one thread, kernel choices; see
+    scripts/pinned_cpu.py), pip offline and quiet about root and versions."""
+    pinned = pinned_cpu.env({})
+    return {**pinned, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
             "PIP_ROOT_USER_ACTION": "ignore", "PIP_CONFIG_FILE": os.devnull,
             "PYTHONNOUSERSITE": "1"}
 
@@ -228,6 +233,18 @@ def check_fresh(python, folder):
     return probe["path"]
 
 
+def host_report(python, folder, notebook):
+    """What the kernel saw (CPU, torch, capability, pinned settings), probed with
+    the kernel's own Python and environment, and where the stored outputs were
+    recorded: printed next to nbval's diff when outputs differ."""
+    try:
+        seen = pinned_cpu.probe(python, clean_env(**kernel_env()), cwd=folder)
+        text = "this run's kernel:\n" + pinned_cpu.describe(seen)
+    except Exception as e:                      # never hide nbval's own report
+        text = f"this run's kernel: could not be probed ({e})"
+    return text + "\n" + pinned_cpu.recorded_on(notebook)
+
+
 class Simulation:
     """Shared parts (built once): the preinstalled folder and gptcourse's wheel;
     `run` gives each chapter its own environment and folder."""
@@ -266,7 +283,7 @@ class Simulation:
         # its own session, so a timeout ends nbval at once (its kernel exits with it)
         proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True,
-                                env=clean_env(JUPYTER_PATH=str(base / "jupyter"), OMP_NUM_THREADS="1"))
+                                env=clean_env(JUPYTER_PATH=str(base / "jupyter"), **pinned_cpu.env({})))
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -275,6 +292,8 @@ class Simulation:
             output += f"\n[colab_sim] stopped after {timeout} s"
         done = time.perf_counter()
         after = own_distributions(python)
+        if proc.returncode != 0:       # where it ran, next to nbval's diff
+            output += "\n[colab_sim] " + host_report(python, folder, notebook)
         return {"returncode": proc.returncode, "output": output,
                 "installed": after, "setup_s": ready - start, "nbval_s": done - ready,
                 "folder": folder, "python": python}

@@ -7,9 +7,14 @@ the course uses, not gptcourse. Its first cell installs gptcourse, from a
 wheel built from this checkout standing in for the repository URL, and must
 pull nothing else (no other torch). See scripts/colab_sim.py for how.
 
-This is where `make test` executes the chapters, each once. Run one alone:
+This is where `make test` executes the chapters, each once, in kernels pinned
+to one thread and fixed CPU kernels (scripts/pinned_cpu.py). Run one alone:
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_colab.py -k 11_gpt
+    .venv/bin/python -m pytest tests/test_colab.py -k 11_gpt
+
+When a stored output differs, the failure shows nbval's diff, then the host it
+ran on and the pinned settings as the kernel's Python sees them, and where the
+outputs were recorded.
 
 And every chapter's Colab URL in the README's table of contents opens that
 chapter's notebook (the book's launch buttons: tests/test_book_html.py).
