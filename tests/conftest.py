@@ -5,6 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 import pinned_cpu  # noqa: E402
 
 # The kernels nbval starts (the exercises) inherit this process's environment:
@@ -15,6 +16,8 @@ import pinned_cpu  # noqa: E402
 pinned_cpu.apply()
 
 import torch  # noqa: E402
+
+from chapter_runs import CHAPTERS, TEST_NAME, ChapterRuns  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,3 +50,32 @@ def pytest_runtest_makereport(item, call):
         except Exception as e:              # never hide nbval's own report
             _host["text"] = f"this run's kernel: could not be probed ({e})"
     report.sections.append(("host", _host["text"] + "\n" + pinned_cpu.recorded_on(path)))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The chapter tests last: their chapters run in the background meanwhile."""
+    items.sort(key=lambda item: getattr(item, "originalname", None) == TEST_NAME)
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory):
+    """The Colab simulation's preinstalled packages and gptcourse's wheel, made once."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("colab_sim", ROOT / "scripts" / "colab_sim.py")
+    colab_sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colab_sim)
+    return colab_sim.Simulation(tmp_path_factory.mktemp("colab"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def chapter_runs(request):
+    """When the session has chapter tests, their chapters start running in the
+    Colab simulation with the session's first test (tests/chapter_runs.py)."""
+    wanted = [item.callspec.params["notebook"] for item in request.session.items
+              if getattr(item, "originalname", None) == TEST_NAME]
+    if not wanted:
+        yield None
+        return
+    runs = ChapterRuns(request.getfixturevalue("sim"), [nb for nb in CHAPTERS if nb in wanted])
+    yield runs
+    runs.cancel()

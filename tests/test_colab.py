@@ -36,10 +36,9 @@ colab_sim = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(colab_sim)
 
 
-@pytest.fixture(scope="session")
-def sim(tmp_path_factory):
-    """The preinstalled packages and gptcourse's wheel, made once."""
-    return colab_sim.Simulation(tmp_path_factory.mktemp("colab"))
+# The fixtures `sim` (the preinstalled packages and gptcourse's wheel, made
+# once) and `chapter_runs` (every chapter running in the background from the
+# start of the session: tests/chapter_runs.py) live in conftest.py.
 
 
 def run_python(python, code, cwd, **env):
@@ -102,8 +101,10 @@ def test_the_copy_differs_only_in_the_install_url(sim, tmp_path):
 
 
 @pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
-def test_chapter_runs_in_a_fresh_colab_runtime(sim, notebook):
-    result = sim.run(notebook, timeout=900)
+def test_chapter_runs_in_a_fresh_colab_runtime(chapter_runs, notebook, record_property):
+    result = chapter_runs.result(notebook)
+    # the chapter's own time (the test's time includes waiting for its turn)
+    record_property("chapter_seconds", round(result["setup_s"] + result["nbval_s"], 1))
     assert result["returncode"] == 0, (
         f"{notebook.name} fails in the Colab simulation (nbval, strict):\n{result['output'][-8000:]}")
     assert result["installed"] == ["gptcourse"], (

@@ -61,6 +61,11 @@ def test_settings_are_in_force_in_the_colab_simulation_kernel(tmp_path, monkeypa
     seen = probe_in_kernel(colab_sim.KERNEL_NAME, tmp_path)
     assert pinned_cpu.in_force(seen) == [], pinned_cpu.describe(seen)
     assert seen["settings"] == pinned_cpu.SETTINGS
+    # what a failing chapter prints after nbval's diff: this kernel's host and settings
+    report = colab_sim.host_report(python, tmp_path, ROOT / "chapters" / "01_seq2seq_rnn.ipynb")
+    assert report.startswith("this run's kernel:\nhost: ") and "all pinned settings in force" in report
+    assert "MKL_CBWR=AVX2,STRICT" in report and "stored outputs recorded on: " in report
+    assert "capability AVX2, oneMKL CNR AVX2,STRICT" in report.splitlines()[-1]
 
 
 def test_without_the_pins_a_kernel_reports_what_is_missing(tmp_path):
