@@ -1,4 +1,5 @@
-"""Turning next-token logits into a token: greedy, temperature, top-k, top-p.
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p;
+and beam search, which looks for the most likely whole continuation.
 
 logits: (B, V), one row of unnormalised scores per sequence.
 """
@@ -57,3 +58,77 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = top_p_filter(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_penalty=0.0):
+    """The most likely continuation of one prompt, searched with a beam.
+
+    Greedy decoding takes the best token at each step; the best *sequence* can
+    start with a token that is not the best. Beam search keeps the beam_width
+    best partial continuations (by the sum of their tokens' log-probabilities),
+    extends each by every token, and keeps the beam_width best of those. With
+    beam_width=1 it is greedy decoding; with a beam as wide as the number of
+    possible prefixes it is an exhaustive search.
+
+    model: called as model(ids (K, T)) -> (logits (K, T, V), _), e.g. a GPT;
+        it sees the last model.config.block_size tokens when it has a config.
+    idx: (1, T) prompt ids. eos_id: a token that ends a continuation (it is
+        kept, and the continuation stops growing); None: every continuation
+        has max_new_tokens tokens.
+    length_penalty: continuations are ranked by score / n**length_penalty,
+        n its number of new tokens (0: by the plain sum of log-probs, which
+        favours short ones when eos_id is set).
+    Returns (ids (1, T + n), score): the best continuation appended to the
+    prompt, and its summed log-probability (not length-normalised).
+    """
+    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be one prompt of shape (1, T) with T >= 1, got {tuple(idx.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(beam_width, int) or beam_width < 1:
+        raise ValueError(f"beam_width must be a positive integer, got {beam_width!r}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty!r}")
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+
+    def rank(score, n):                                   # what continuations compete on
+        return score / n ** length_penalty
+
+    beams = idx                                           # (K, T + step) alive continuations
+    scores = torch.zeros(1, dtype=torch.float64, device=idx.device)      # (K,) summed log-probs
+    finished = []                                         # (rank, score, ids (1, T + n))
+    try:
+        for step in range(1, max_new_tokens + 1):
+            window = beams if block_size is None else beams[:, -block_size:]
+            logits = model(window)[0][:, -1, :]                              # (K, V)
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            total = (scores[:, None] + logp).flatten()                       # (K * V,)
+            V = logp.shape[-1]
+            # 2 * beam_width candidates: even if all the eos ones leave, beam_width stay
+            top = torch.topk(total, min(2 * beam_width, total.numel())).indices
+            keep_rows, keep_scores = [], []
+            for flat in top.tolist():
+                row, token = divmod(flat, V)
+                ids = torch.cat([beams[row], beams.new_tensor([token])])
+                if eos_id is not None and token == eos_id:
+                    finished.append((rank(total[flat].item(), step), total[flat].item(), ids[None]))
+                elif len(keep_rows) < beam_width:
+                    keep_rows.append(ids)
+                    keep_scores.append(total[flat])
+            if not keep_rows:
+                break
+            beams, scores = torch.stack(keep_rows), torch.stack(keep_scores)
+            # no alive continuation can beat the best finished one any more: stop
+            if finished and length_penalty == 0 and scores.max().item() < max(f[1] for f in finished):
+                break
+        n = beams.shape[1] - idx.shape[1]
+        candidates = finished + [(rank(s.item(), n), s.item(), b[None]) for s, b in zip(scores, beams)]
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    best = max(candidates, key=lambda c: c[0])
+    return best[2], best[1]

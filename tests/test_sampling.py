@@ -177,3 +177,141 @@ def test_sample_next_bad_args():
         sample_next(torch.zeros(1, 5), top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         sample_next(torch.zeros(1, 5), top_p=0)
+
+
+# ---------------------------------------------------------------- beam search
+
+import itertools  # noqa: E402
+
+from gptcourse.gpt import GPT, GPTConfig  # noqa: E402
+from gptcourse.sampling import beam_search  # noqa: E402
+
+
+def tiny_gpt(seed, vocab=4, block=16):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=1, n_head=2, n_embd=8))
+    with torch.no_grad():                       # sharper distributions than the init gives
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model.eval()
+
+
+def sequence_logprob(model, prompt, continuation):
+    """sum_i log p(y_i | prompt, y_<i), from one forward pass over the whole sequence:
+    independent of the search."""
+    ids = torch.tensor([prompt + list(continuation)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0][0].double(), dim=-1)
+    return sum(logp[len(prompt) - 1 + i, y].item() for i, y in enumerate(continuation))
+
+
+def exhaustive(model, prompt, n, vocab, eos_id=None, length_penalty=0.0):
+    """Every possible continuation (ending at the first eos, or after n tokens), scored."""
+    best = None
+    for length in range(1, n + 1):
+        for seq in itertools.product(range(vocab), repeat=length):
+            if eos_id is not None:
+                if eos_id in seq[:-1]:
+                    continue
+                if length < n and seq[-1] != eos_id:
+                    continue
+            elif length < n:
+                continue
+            score = sequence_logprob(model, prompt, seq)
+            key = score / length ** length_penalty
+            if best is None or key > best[0]:
+                best = (key, score, seq)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_beam_search_as_wide_as_all_prefixes_is_exhaustive(seed):
+    model, prompt, n, V = tiny_gpt(seed), [1, 2], 4, 4
+    _, score, seq = exhaustive(model, prompt, n, V)
+    ids, got = beam_search(model, torch.tensor([prompt]), n, beam_width=V ** (n - 1))
+    assert ids[0, :2].tolist() == prompt and tuple(ids[0, 2:].tolist()) == seq
+    assert got == pytest.approx(score, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed,penalty", [(s, p) for s in range(4) for p in (0.0, 1.0)])
+def test_beam_search_with_eos_is_exhaustive(seed, penalty):
+    model, prompt, n, V = tiny_gpt(seed), [3], 4, 4
+    _, score, seq = exhaustive(model, prompt, n, V, eos_id=0, length_penalty=penalty)
+    ids, got = beam_search(model, torch.tensor([prompt]), n, beam_width=V ** (n - 1), eos_id=0,
+                           length_penalty=penalty)
+    assert tuple(ids[0, 1:].tolist()) == seq
+    assert got == pytest.approx(score, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_width_one_is_greedy(seed):
+    model = tiny_gpt(seed, vocab=6)
+    prompt = torch.tensor([[1, 4, 2]])
+    ids, score = beam_search(model, prompt, 7, beam_width=1)
+    assert torch.equal(ids, model.generate(prompt, 7, temperature=0))
+    assert score == pytest.approx(sequence_logprob(model, [1, 4, 2], ids[0, 3:].tolist()), abs=1e-5)
+
+
+def test_a_wider_beam_never_scores_worse_and_can_beat_greedy():
+    """Over many small models, beam 8 >= beam 2 >= greedy in summed log-prob (each
+    search's score checked independently), and strictly better than greedy somewhere."""
+    beats = 0
+    for seed in range(12):
+        model = tiny_gpt(seed, vocab=5)
+        scores = []
+        for width in (1, 2, 8):
+            ids, score = beam_search(model, torch.tensor([[2]]), 5, beam_width=width)
+            assert score == pytest.approx(sequence_logprob(model, [2], ids[0, 1:].tolist()), abs=1e-5)
+            scores.append(score)
+        assert scores[0] <= scores[1] + 1e-5 and scores[1] <= scores[2] + 1e-5
+        beats += scores[2] > scores[0] + 1e-3
+    assert beats >= 3
+
+
+class BigramTable(torch.nn.Module):
+    """A hand-written model: the next token's probabilities depend only on the last
+    token. From 0: p(1) = 0.5, p(2) = 0.4, p(3) = 0.1; after 1 the next token is
+    uncertain (0.3 / 0.3 / 0.4 over 1, 2, 3); after 2 it is certain (p(3) = 1)."""
+
+    def __init__(self):
+        super().__init__()
+        p = torch.full((4, 4), 1e-12)
+        p[0, 1:] = torch.tensor([0.5, 0.4, 0.1])
+        p[1, 1:] = torch.tensor([0.3, 0.3, 0.4])
+        p[2, 3] = 1.0
+        p[3, 3] = 1.0
+        self.register_buffer("logp", p.log())
+
+    def forward(self, idx):
+        return self.logp[idx], None
+
+
+def test_beam_search_finds_the_sequence_greedy_misses_hand_worked():
+    """Greedy takes 1 (0.5) then 3 (0.4): 0.20. Beam 2 also keeps 2 (0.4), whose
+    next token is certain: 0.4 * 1.0 = 0.40, the most likely sequence."""
+    model = BigramTable()
+    greedy, g = beam_search(model, torch.tensor([[0]]), 2, beam_width=1)
+    beam, b = beam_search(model, torch.tensor([[0]]), 2, beam_width=2)
+    assert greedy[0].tolist() == [0, 1, 3] and math.exp(g) == pytest.approx(0.20)
+    assert beam[0].tolist() == [0, 2, 3] and math.exp(b) == pytest.approx(0.40)
+
+
+def test_beam_search_leaves_the_model_in_its_mode_and_crops_to_block_size():
+    model = tiny_gpt(0, block=4).train()
+    ids, _ = beam_search(model, torch.tensor([[1, 2, 3, 1, 2]]), 6, beam_width=3)
+    assert ids.shape == (1, 11) and model.training
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(idx=torch.zeros(2, 3, dtype=torch.long)), r"one prompt of shape \(1, T\)"),
+    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), r"one prompt of shape \(1, T\)"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+    (dict(beam_width=0), "beam_width must be a positive integer, got 0"),
+    (dict(beam_width=2.0), "beam_width must be a positive integer, got 2.0"),
+    (dict(length_penalty=-1.0), "length_penalty must be >= 0, got -1.0"),
+])
+def test_beam_search_bad_arguments(kwargs, message):
+    args = dict(idx=torch.zeros(1, 2, dtype=torch.long), max_new_tokens=3, beam_width=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        beam_search(tiny_gpt(0), **args)
