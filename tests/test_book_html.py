@@ -94,6 +94,28 @@ def test_chapter_page_renders_offline(html_dir, notebook):
         if not src.startswith("data:"):
             assert (page.parent / src).resolve().is_file(), f"{page.name}: image {src} missing"
 
+    # presentation code (plots, table formatting) is collapsed, one click from
+    # view, and its figure shown; every other cell's code is in plain view
+    hidden = [c for c in nb["cells"] if c["cell_type"] == "code"
+              and "hide-input" in c.get("metadata", {}).get("tags", [])]
+    collapsed = soup.select(".cell.tag_hide-input")
+    assert len(collapsed) == len(hidden), (
+        f"{page.name}: {len(collapsed)} collapsed code cells, the notebook tags {len(hidden)}")
+    for cell, source in zip(collapsed, hidden):
+        toggle = cell.select_one("details")
+        assert toggle is not None and not toggle.has_attr("open"), f"{page.name}: hidden code not collapsed"
+        assert "Show code cell source" in toggle.summary.get_text(" ", strip=True)
+        first_line = "".join(source["source"]).strip().splitlines()[0].strip()
+        assert first_line[:30] in toggle.get_text(), f"{page.name}: collapsed cell lost its code"
+        if any("image/png" in o.get("data", {}) for o in source.get("outputs", [])):
+            output = cell.select_one(".cell_output")
+            assert output is not None and output.find("img") and not output.find_parent("details"), (
+                f"{page.name}: the figure of a collapsed cell must stay visible")
+    for cell in soup.select(".cell"):
+        if "tag_hide-input" not in cell.get("class", []) and cell.select_one(".cell_input"):
+            assert not cell.select_one(".cell_input").find_parent("details"), (
+                f"{page.name}: a code cell not tagged hide-input is collapsed")
+
     # no error output
     assert not soup.select(".traceback"), f"{page.name} shows an error output"
     assert "Traceback (most recent call last)" not in soup.get_text()
