@@ -13,7 +13,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser unit notebooks html outputs bench clean
+.PHONY: book test install assets browser unit notebooks html outputs bench bench-pinning clean
 
 book: install assets
 	$(JB)
@@ -64,3 +64,8 @@ clean:
 BENCH ?= --full
 bench: install assets
 	$(BIN)/python benchmarks/bench_all.py $(BENCH)
+
+# What the pinned CPU settings cost: every chapter pinned and unpinned, side by side
+# (one per core), in the Colab simulation.
+bench-pinning: install
+	$(BIN)/python benchmarks/bench_pinning.py

@@ -167,24 +167,37 @@ def clean_env(**extra):
     return env
 
 
-def kernel_env():
+def kernel_env(pinned=True):
     """What the kernel (and the pip its first cell runs) sees on top of the
     environment: the pinned CPU settings (one thread, kernel choices; see
-    scripts/pinned_cpu.py), pip offline and quiet about root and versions."""
-    pinned = pinned_cpu.env({})
-    return {**pinned, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    scripts/pinned_cpu.py), pip offline and quiet about root and versions.
+    pinned=False (benchmarks/bench_pinning.py only): one thread, nothing else pinned."""
+    cpu = pinned_cpu.env({}) if pinned else {"OMP_NUM_THREADS": "1"}
+    return {**cpu, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
             "PIP_ROOT_USER_ACTION": "ignore", "PIP_CONFIG_FILE": os.devnull,
             "PYTHONNOUSERSITE": "1"}
 
 
-def install_kernelspec(jupyter_path, python):
+def nbval_env(jupyter_path, pinned=True):
+    """The environment nbval (and so the kernel it starts) runs in."""
+    env = clean_env(JUPYTER_PATH=str(jupyter_path))
+    if pinned:
+        env.update(pinned_cpu.env({}))
+    else:                   # nothing pinned may leak in from this process's environment
+        for key in list(pinned_cpu.SETTINGS) + ["LD_PRELOAD"]:
+            env.pop(key, None)
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def install_kernelspec(jupyter_path, python, pinned=True):
     """A kernelspec named KERNEL_NAME that starts ipykernel in `python`."""
     spec = Path(jupyter_path) / "kernels" / KERNEL_NAME
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [str(python), "-Xfrozen_modules=off", "-m", "ipykernel_launcher",
                  "-f", "{connection_file}"],
-        "display_name": "Colab simulation", "language": "python", "env": kernel_env()}))
+        "display_name": "Colab simulation", "language": "python", "env": kernel_env(pinned)}))
 
 
 def copy_notebook(notebook, folder, wheel):
@@ -261,7 +274,7 @@ class Simulation:
         (self.workdir / "pytest.ini").write_text(
             "[pytest]\nfilterwarnings =\n    ignore::DeprecationWarning\n")
 
-    def run(self, notebook, timeout=1800):
+    def run(self, notebook, timeout=1800, pinned=True):
         """Run `notebook` as Colab would, under nbval. Raises AssertionError when
         the environment is not fresh before the first cell; returns a dict: nbval's
         exit code and output, the distributions installed into the environment
@@ -270,7 +283,7 @@ class Simulation:
         base = Path(tempfile.mkdtemp(prefix=f"{notebook.stem}-", dir=self.workdir))
         start = time.perf_counter()
         python = make_env(base / "env", self.preinstalled_dir)
-        install_kernelspec(base / "jupyter", python)
+        install_kernelspec(base / "jupyter", python, pinned)
         folder = base / "content"         # Colab's working folder is /content
         folder.mkdir()
         copy = copy_notebook(notebook, folder, self.wheel)
@@ -283,7 +296,7 @@ class Simulation:
         # its own session, so a timeout ends nbval at once (its kernel exits with it)
         proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True,
-                                env=clean_env(JUPYTER_PATH=str(base / "jupyter"), **pinned_cpu.env({})))
+                                env=nbval_env(base / "jupyter", pinned))
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
