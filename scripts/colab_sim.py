@@ -184,9 +184,7 @@ def nbval_env(jupyter_path, pinned=True):
     if pinned:
         env.update(pinned_cpu.env({}))
     else:                   # nothing pinned may leak in from this process's environment
-        for key in list(pinned_cpu.SETTINGS) + ["LD_PRELOAD"]:
-            env.pop(key, None)
-        env["OMP_NUM_THREADS"] = "1"
+        env = {**pinned_cpu.unpinned(env), "OMP_NUM_THREADS": "1"}
     return env
 
 

@@ -82,9 +82,19 @@ def env(base=None):
     return out
 
 
+def unpinned(base=None):
+    """`base` (default os.environ) without the pinned settings and the preload
+    (any other preloaded library is kept)."""
+    out = {k: v for k, v in (os.environ if base is None else base).items() if k not in SETTINGS}
+    preload = [p for p in out.pop("LD_PRELOAD", "").split(":") if p and "mkl_intel_dispatch" not in p]
+    if preload:
+        out["LD_PRELOAD"] = ":".join(preload)
+    return out
+
+
 def apply():
     """Pin this process's environment (for the processes it starts: kernels)."""
-    os.environ.update({k: v for k, v in env().items() if os.environ.get(k) != v})
+    os.environ.update(env())
 
 
 def missing(environ=None):

@@ -6,6 +6,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
+import colab_sim  # noqa: E402
 import pinned_cpu  # noqa: E402
 
 # The kernels nbval starts (the exercises) inherit this process's environment:
@@ -60,10 +61,6 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory):
     """The Colab simulation's preinstalled packages and gptcourse's wheel, made once."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("colab_sim", ROOT / "scripts" / "colab_sim.py")
-    colab_sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(colab_sim)
     return colab_sim.Simulation(tmp_path_factory.mktemp("colab"))
 
 

@@ -19,7 +19,6 @@ outputs were recorded.
 And every chapter's Colab URL in the README's table of contents opens that
 chapter's notebook (the book's launch buttons: tests/test_book_html.py).
 """
-import importlib.util
 import json
 import re
 import subprocess
@@ -31,9 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
-_spec = importlib.util.spec_from_file_location("colab_sim", ROOT / "scripts" / "colab_sim.py")
-colab_sim = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(colab_sim)
+import colab_sim  # noqa: E402  (scripts/ is on sys.path: tests/conftest.py)
 
 
 # The fixtures `sim` (the preinstalled packages and gptcourse's wheel, made

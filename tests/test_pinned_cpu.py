@@ -8,7 +8,6 @@ recording refuses to run without them; and that a differing output is
 reported with the host it ran on.
 """
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,12 +15,12 @@ import textwrap
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import colab_sim  # noqa: E402
 import pinned_cpu  # noqa: E402
 
 
@@ -44,19 +43,17 @@ def test_settings_are_in_force_in_the_python3_kernel(tmp_path):
     assert seen["mkl_cnr"] == "AVX2,STRICT" and "AVX2" in seen["mkl_banner"], seen
 
 
-def test_settings_are_in_force_in_the_colab_simulation_kernel(tmp_path, monkeypatch):
+def test_settings_are_in_force_in_the_colab_simulation_kernel(sim, tmp_path, monkeypatch):
     """The kernel in which tests/test_colab.py runs every chapter under nbval."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("colab_sim", ROOT / "scripts" / "colab_sim.py")
-    colab_sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(colab_sim)
-    pre = tmp_path / "preinstalled"
-    colab_sim.build_preinstalled(pre)
-    python = colab_sim.make_env(tmp_path / "env", pre)
+    python = colab_sim.make_env(tmp_path / "env", sim.preinstalled_dir)
     colab_sim.install_kernelspec(tmp_path / "jupyter", python)
     # a kernel started from an unpinned process: the kernelspec itself must pin
+    plain = pinned_cpu.unpinned()
     for key in list(pinned_cpu.SETTINGS) + ["LD_PRELOAD"]:
-        monkeypatch.delenv(key, raising=False)
+        if key in plain:
+            monkeypatch.setenv(key, plain[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     seen = probe_in_kernel(colab_sim.KERNEL_NAME, tmp_path)
     assert pinned_cpu.in_force(seen) == [], pinned_cpu.describe(seen)
@@ -69,7 +66,7 @@ def test_settings_are_in_force_in_the_colab_simulation_kernel(tmp_path, monkeypa
 
 
 def test_without_the_pins_a_kernel_reports_what_is_missing(tmp_path):
-    environ = {k: v for k, v in os.environ.items() if k not in pinned_cpu.SETTINGS and k != "LD_PRELOAD"}
+    environ = pinned_cpu.unpinned()
     seen = pinned_cpu.probe(environ=environ, cwd=tmp_path)
     assert seen["mkl_cnr"] == "OFF"                       # no oneMKL reproducibility branch at all
     problems = pinned_cpu.in_force(seen)
@@ -100,7 +97,7 @@ def test_recording_refuses_to_run_unpinned(tmp_path):
     path = tmp_path / "x.ipynb"
     nbformat.write(nb, path)
     before = path.read_text()
-    environ = {k: v for k, v in os.environ.items() if k not in pinned_cpu.SETTINGS and k != "LD_PRELOAD"}
+    environ = pinned_cpu.unpinned()
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "execute_notebooks.py"), str(path)],
                        env=environ, capture_output=True, text=True)
     assert r.returncode != 0 and "make outputs" in r.stderr, r.stderr
