@@ -35,6 +35,8 @@ class Exercise:
     cases: list
     mistakes: list = field(default_factory=list)      # (name, wrong implementation, hint)
     forbidden_names: tuple = ()                       # dotted names the student may not call
+    forbidden_ops: tuple = ()                         # parts of the names of torch functions and ATen
+                                                      # operators whose execution earns zero
 
     @property
     def possible(self):
@@ -303,6 +305,13 @@ def _kv_inputs(B, H, T, T_new, d, dtype=torch.float32):
 # ----------------------------------------------------------------------------
 
 f64 = torch.float64
+# ready-made attention in PyTorch: the torch functions and the ATen operators they run
+# (under a dispatch mode F.scaled_dot_product_attention runs its math path, whose
+# _safe_softmax no hand-written attention calls)
+_ATTENTION_OPS = ("scaled_dot_product", "_safe_softmax", "multi_head_attention", "_native_multi_head_attention",
+                  "MultiheadAttention", "_transformer_encoder_layer_fwd")
+_NORM_OPS = ("layer_norm", "group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit",
+             "LayerNorm", "GroupNorm", "BatchNorm", "InstanceNorm")
 _ATTENTION_REFS = ("gptcourse.attention.scaled_dot_product_attention",
                    "torch.nn.functional.scaled_dot_product_attention",
                    "gptcourse.exercises.sdpa_ref",
@@ -345,7 +354,7 @@ EXERCISES = {e.key: e for e in [
                "Apply the mask BEFORE the softmax (masked scores = -inf), so the weights still sum to 1."),
               ("mask inverted", _sdpa_variant(mask_mode="inverted"),
                "The mask is inverted: True means MAY attend; block where the mask is False.")],
-             _ATTENTION_REFS),
+             _ATTENTION_REFS, _ATTENTION_OPS),
     Exercise("causal_mask", "causal_mask", "Exercise 3.2: the causal mask",
              "03_scaled_dot_product_attention", causal_mask_ref,
              [Case("T=1", lambda g: (1,), fixed=True), Case("T=4", lambda g: (4,), fixed=True),
@@ -400,7 +409,7 @@ EXERCISES = {e.key: e for e in [
               ("eps outside", _ln_variant(eps_outside=True),
                "eps goes inside the square root: (x - mean) / sqrt(var + eps).")],
              ("torch.nn.functional.layer_norm", "torch.layer_norm", "torch.nn.LayerNorm.forward",
-              "gptcourse.exercises.layer_norm_ref")),
+              "gptcourse.exercises.layer_norm_ref"), _NORM_OPS),
     Exercise("bpe_merge", "merge_pair", "Exercise 10.1: one BPE merge",
              "10_tokens_and_embeddings", merge_ref,
              [Case("hand example", lambda g: ([1, 2, 3, 1, 2], (1, 2), 9), fixed=True),

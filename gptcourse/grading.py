@@ -336,75 +336,97 @@ def _notebook_code(nb_text):
     return cells
 
 
-def worker(nb_path, seed, out_path, cell_time_limit=60.0, call_time_limit=TIME_LIMIT_S):
-    """Runs INSIDE the sandboxed worker process: execute the notebook's code
-    cells, then run every exercise's function it defines on the inputs drawn
-    from `seed`, and save the raw outcomes (no grades) to out_path."""
-    from .exercises import EXERCISES
-    with open(nb_path, encoding="utf-8") as f:
-        cells = _notebook_code(f.read())
-    namespace = {"__name__": "__main__"}
-    devnull = open(os.devnull, "w")
-    for source in cells:
-        try:
-            with _time_limit(cell_time_limit), contextlib.redirect_stdout(devnull):
-                exec(compile(source, "<cell>", "exec"), namespace)
-        except (Exception, TimeLimit):
-            pass                                  # like a notebook run with errors allowed
-    outcomes = {}
-    for key, exercise in EXERCISES.items():
-        fn = namespace.get(exercise.function)
-        if callable(fn):
-            with contextlib.redirect_stdout(devnull):
-                outcomes[key] = run_cases(exercise, fn, case_inputs(exercise, seed), call_time_limit)
-    _save_outcomes(outcomes, out_path)
+WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grading_worker.py")
+STUB_GRADING = '''"""Stand-in for gptcourse.grading inside the grading sandbox: the grader runs the checks."""
 
 
-def _sanitize(outcomes):
-    """Keep only well-formed outcome lists (the worker is untrusted)."""
-    clean = {}
-    if isinstance(outcomes, dict):
-        for key, items in outcomes.items():
-            if isinstance(items, list) and all(isinstance(i, (tuple, list)) and len(i) == 2 for i in items):
-                clean[key] = [(str(s), v) for s, v in items]
-    return clean
+def check(key, fn):
+    print(f"{key}: checked by the instructor's grader")
+'''
 
 
-_ALLOWED = (torch.Tensor, int, float, bool, str, type(None))
+def make_stub_dir(folder):
+    """Fill `folder` with what the sandbox sees at /grader: the worker and a stub
+    `gptcourse` package whose check() does nothing (no reference code)."""
+    import shutil
+    shutil.copy(WORKER_FILE, os.path.join(folder, "grading_worker.py"))
+    os.mkdir(os.path.join(folder, "gptcourse"))
+    with open(os.path.join(folder, "gptcourse", "__init__.py"), "w") as f:
+        f.write('"""gptcourse as the grading sandbox sees it: only a stub check()."""\n')
+    with open(os.path.join(folder, "gptcourse", "grading.py"), "w") as f:
+        f.write(STUB_GRADING)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
+    os.chmod(folder, 0o755)
+    return folder
 
 
-def _safe(value):
-    """Outputs the grading process may load back: tensors, numbers, strings,
-    and tuples/lists of them (torch.load(weights_only=True) refuses the rest)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, (tuple, list)):
-        items = [_safe(v) for v in value]
-        return tuple(items) if isinstance(value, tuple) else items
-    if isinstance(value, _ALLOWED):
-        return value
-    raise TypeError(f"returned a {type(value).__module__}.{type(value).__name__}")
+def make_job(cells, exercises, inputs, key, cell_timeout_s, call_timeout_s):
+    """The worker's stdin: a JSON line (key, limits) and the cells and inputs (torch.save)."""
+    import io
+    header = {"key": key, "result_fd": -1, "rlimit_mb": 0, "cell_timeout": float(cell_timeout_s),
+              "call_timeout": float(call_timeout_s)}
+    body = io.BytesIO()
+    torch.save({"cells": cells,
+                "exercises": {k: {"function": e.function, "inputs": inputs[k]} for k, e in exercises.items()}},
+               body)
+    return json.dumps(header).encode() + b"\n" + body.getvalue()
 
 
-def _save_outcomes(outcomes, out_path):
-    clean = {}
-    for key, items in outcomes.items():
-        clean[key] = []
-        for status, value in items:
-            try:
-                clean[key].append((status, _safe(value)))
-            except TypeError as e:
-                clean[key].append(("error", str(e)))
-    torch.save(clean, out_path)
+def read_result(data, key):
+    """The worker's signed payload, or raise ValueError (unsigned, forged, unreadable)."""
+    import hashlib
+    import hmac
+    import io
+    tag, sep, payload = data.partition(b"\n")
+    if not sep:
+        raise ValueError("no results (the notebook's process ended before writing them)")
+    expected = hmac.new(bytes.fromhex(key), payload, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(tag, expected):
+        raise ValueError("results not signed by the grader's worker (written by the submission?)")
+    raw = torch.load(io.BytesIO(payload), weights_only=True)
+    if not isinstance(raw, dict) or not isinstance(raw.get("exercises"), dict):
+        raise ValueError("results in an unexpected form")
+    return raw
 
 
-def _limit_memory(megabytes):
-    def set_limit():
-        import resource
-        limit = megabytes * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        os.setsid()                        # its own process group, killed as one
-    return set_limit
+def judge(exercise, raw_items, n_cases):
+    """The worker's raw records of one exercise -> one (status, value) per case,
+    with forbidden operators and tampering decided here, by the grader."""
+    outcomes = []
+    if not isinstance(raw_items, list):
+        raw_items = []
+    for item in raw_items[:n_cases]:
+        if not (isinstance(item, (list, tuple)) and len(item) == 5):
+            outcomes.append(("error", "unreadable result"))
+            continue
+        status, value, ops, functions, violations = item
+        status = str(status)
+        names = [str(n) for n in list(ops or []) + list(functions or [])]
+        used = forbidden_used(exercise, names)
+        if violations:
+            outcomes.append(("forbidden", f"tampers with the grader ({str(violations[0])[:80]}), which earns no points"))
+        elif status == "tampered":
+            outcomes.append(("forbidden", f"{value}, which earns no points"))
+        elif used:
+            outcomes.append(("forbidden", f"calls {used}, which this exercise asks you to write yourself"))
+        elif status == "ok":
+            outcomes.append(("ok", value))
+        else:
+            outcomes.append((status, str(value)))
+    outcomes += [("error", "not run: an earlier test did not return")] * (n_cases - len(outcomes))
+    return outcomes
+
+
+def forbidden_used(exercise, names):
+    """The first recorded torch function or ATen operator that is a ready-made
+    implementation of this exercise, or None."""
+    for name in names:
+        for pattern in exercise.forbidden_ops:
+            if pattern in name:
+                return name
+    return None
 
 
 def selected_exercises(notebook=None):
@@ -417,51 +439,76 @@ def selected_exercises(notebook=None):
     return chosen
 
 
-def grade_one(name, nb_text, seed, timeout_s=300, memory_mb=3072, notebook=None, cell_timeout_s=60,
-              call_timeout_s=TIME_LIMIT_S):
-    """Grade one submission in its own process and folder; never raises."""
-    import subprocess
+def grade_one(name, nb_text, seed=None, timeout_s=300, memory_mb=3072, notebook=None, cell_timeout_s=60,
+              call_timeout_s=TIME_LIMIT_S, sandbox=True, max_tasks=16):
+    """Grade one submission in its own sandboxed process; never raises.
+
+    seed: None draws a secret one (the default; tests pass one).
+    Returns {"student", "status", "sandbox", "exercises": {key: result}}."""
+    try:
+        return _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout_s, call_timeout_s,
+                          sandbox, max_tasks)
+    except Exception as e:                       # a bug of the grader's must not cost the others
+        EXERCISES = selected_exercises(notebook)
+        status = f"grading error: {type(e).__name__}: {str(e)[:160]}"
+        return {"student": name, "status": status, "sandbox": _sandbox_label(sandbox),
+                "exercises": {k: evaluate(e_, [("error", status)] * len(e_.cases), [()] * len(e_.cases))
+                              for k, e_ in EXERCISES.items()}}
+
+
+def _sandbox_label(sandbox):
+    return "bubblewrap" if sandbox else "NONE (--unsafe-no-sandbox)"
+
+
+def _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout_s, call_timeout_s, sandbox,
+               max_tasks):
+    import secrets
     import tempfile
+    from . import sandbox as sb
     EXERCISES = selected_exercises(notebook)
-    report = {"student": name, "status": "graded", "exercises": {}}
-    with tempfile.TemporaryDirectory(prefix="grading-") as folder:
-        nb_path, out_path = os.path.join(folder, "submission.ipynb"), os.path.join(folder, "outcomes.pt")
-        with open(nb_path, "w", encoding="utf-8") as f:
-            f.write(nb_text)
+    seed = fresh_seed() if seed is None else seed
+    inputs = {k: case_inputs(e, seed) for k, e in EXERCISES.items()}
+    report = {"student": name, "status": "graded", "sandbox": _sandbox_label(sandbox), "exercises": {}}
+    raw = {}
+    try:
+        cells = _notebook_code(nb_text)
+    except Exception as e:
+        report["status"] = f"not a valid notebook: {type(e).__name__}: {str(e)[:120]}"
+    else:
+        key = secrets.token_hex(32)
+        with tempfile.TemporaryDirectory(prefix="grading-stub-") as folder:
+            make_stub_dir(folder)
+            run = sb.run_worker(folder, make_job(cells, EXERCISES, inputs, key, cell_timeout_s, call_timeout_s),
+                                timeout_s, memory_mb, max_tasks=max_tasks, sandbox=sandbox)
+        last = run["stderr"].decode(errors="replace").strip().splitlines()[-1:] or [""]
         try:
-            _notebook_code(nb_text)
+            raw = read_result(run["result"], key)
         except Exception as e:
-            report["status"] = f"not a valid notebook: {type(e).__name__}: {str(e)[:120]}"
-        else:
-            cmd = [sys.executable, "-m", "gptcourse.grading", "_worker", nb_path, str(seed), out_path,
-                   "--cell-timeout", str(cell_timeout_s), "--call-timeout", str(call_timeout_s)]
-            env = {**os.environ, "MPLBACKEND": "Agg", "GPTCOURSE_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-            proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, preexec_fn=_limit_memory(memory_mb))
-            try:
-                _, stderr = proc.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                report["status"] = f"stopped after the time limit of {timeout_s} s"
+            raw = {}
+            if run["timed_out"]:
+                report["status"] = f"stopped after the time limit of {timeout_s:g} s"
+            elif run["oom"]:
+                report["status"] = f"killed: the memory limit of {memory_mb} MB was reached"
+            elif run["returncode"] != 0:
+                report["status"] = f"the notebook's process failed (exit code {run['returncode']}): {last[0][:160]}"
             else:
-                if proc.returncode != 0:
-                    last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-                    report["status"] = f"the notebook's process failed (exit code {proc.returncode}): {last[0][:160]}"
-        outcomes = {}
-        if os.path.exists(out_path):
-            try:
-                outcomes = _sanitize(torch.load(out_path, weights_only=True))
-            except Exception as e:
-                report["status"] = f"unreadable results: {type(e).__name__}"
-    for key, exercise in EXERCISES.items():
-        inputs = case_inputs(exercise, seed)
-        items = outcomes.get(key)
-        if items is None or len(items) != len(inputs):
-            message = f"no function named {exercise.function} was found" if report["status"] == "graded" \
-                else report["status"]
-            items = [("error", message)] * len(inputs)
-        report["exercises"][key] = evaluate(exercise, items, inputs)
+                report["status"] = f"results rejected: {str(e)[:160]}"
+        else:
+            tampering = [str(t) for t in raw.get("tampering") or []]
+            if tampering:
+                report["status"] = f"tampered with the grader ({', '.join(tampering[:3])[:160]}): no points"
+        report["limits"] = run["limits"]
+    for key_, exercise in EXERCISES.items():
+        n = len(inputs[key_])
+        if report["status"].startswith("tampered"):
+            items = [("forbidden", "the notebook tampers with the grader, which earns no points")] * n
+        elif report["status"] != "graded":
+            items = [("error", report["status"])] * n
+        elif key_ not in raw.get("exercises", {}):
+            items = [("error", f"no function named {exercise.function} was found")] * n
+        else:
+            items = judge(exercise, raw["exercises"][key_], n)
+        report["exercises"][key_] = evaluate(exercise, items, inputs[key_])
     return report
 
 
@@ -476,35 +523,50 @@ def _write_atomically(path, text):
 
 
 def grade_folder(folder, out_csv, out_json=None, timeout_s=300, memory_mb=3072, jobs=2, progress=True,
-                 notebook=None, cell_timeout_s=60, call_timeout_s=TIME_LIMIT_S):
-    """Grade every *.ipynb in folder; write the CSV and JSON reports. Returns the reports.
+                 notebook=None, cell_timeout_s=60, call_timeout_s=TIME_LIMIT_S, sandbox=True, max_tasks=16):
+    """Grade every *.ipynb file in folder; write the CSV and JSON reports. Returns the reports.
 
     notebook: grade only that exercise notebook's exercises (default: all).
+    sandbox: False only for the instructor's explicit --unsafe-no-sandbox; the
+    reports then say so. With sandbox=True and no bubblewrap, raises
+    SandboxUnavailable before grading anything.
     """
     import csv
     import io
     from concurrent.futures import ThreadPoolExecutor
     from tqdm.auto import tqdm
+    from . import sandbox as sb
+    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("jobs", jobs),
+                        ("cell_timeout_s", cell_timeout_s), ("call_timeout_s", call_timeout_s)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"not a folder of submissions: {folder!r}")
     EXERCISES = selected_exercises(notebook)
-    paths = sorted(p for p in os.listdir(folder) if p.endswith(".ipynb"))
+    if sandbox:
+        sb.find_bwrap()
+    paths = sorted(p for p in os.listdir(folder)
+                   if p.endswith(".ipynb") and os.path.isfile(os.path.join(folder, p)))
     # read everything first: a submission that deletes files cannot reach the others
     texts = {}
     for p in paths:
-        with open(os.path.join(folder, p), "rb") as f:
-            texts[os.path.splitext(p)[0]] = f.read().decode("utf-8", errors="replace")
-    seed = fresh_seed()
+        try:
+            with open(os.path.join(folder, p), "rb") as f:
+                texts[os.path.splitext(p)[0]] = f.read(50 * 1024 * 1024).decode("utf-8", errors="replace")
+        except OSError as e:
+            texts[os.path.splitext(p)[0]] = f"unreadable: {e}"
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(grade_one, name, text, seed, timeout_s, memory_mb, notebook, cell_timeout_s,
-                               call_timeout_s)
+        futures = [pool.submit(grade_one, name, text, None, timeout_s, memory_mb, notebook, cell_timeout_s,
+                               call_timeout_s, sandbox, max_tasks)
                    for name, text in texts.items()]
         reports = [f.result() for f in tqdm(futures, desc="grading", unit="notebook", disable=not progress)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["student", *EXERCISES, "total", "possible", "status"])
+    writer.writerow(["student", *EXERCISES, "total", "possible", "status", "sandbox"])
     possible = sum(e.possible for e in EXERCISES.values())
     for r in reports:
         points = [r["exercises"][k]["points"] for k in EXERCISES]
-        writer.writerow([r["student"], *points, sum(points), possible, r["status"]])
+        writer.writerow([r["student"], *points, sum(points), possible, r["status"], r["sandbox"]])
     _write_atomically(out_csv, buffer.getvalue())
     _write_atomically(out_json or os.path.splitext(out_csv)[0] + ".json", json.dumps(reports, indent=1))
     return reports
@@ -512,34 +574,33 @@ def grade_folder(folder, out_csv, out_json=None, timeout_s=300, memory_mb=3072, 
 
 def main(argv=None):
     import argparse
+    from .sandbox import SandboxUnavailable
     parser = argparse.ArgumentParser(prog="python -m gptcourse.grading", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grade", help="grade a folder of submitted notebooks")
     g.add_argument("folder")
     g.add_argument("--out", default="grades.csv", help="CSV: one row per student (default grades.csv)")
     g.add_argument("--json", default=None, help="JSON report with all feedback (default: next to the CSV)")
-    g.add_argument("--timeout", type=float, default=300, help="seconds per notebook (default 300)")
-    g.add_argument("--memory-mb", type=int, default=3072, help="memory per notebook (default 3072)")
+    g.add_argument("--timeout", type=float, default=300, help="seconds per notebook, whole tree (default 300)")
+    g.add_argument("--memory-mb", type=int, default=3072, help="memory per notebook, whole tree (default 3072)")
     g.add_argument("--jobs", type=int, default=2, help="notebooks graded at once (default 2)")
     g.add_argument("--notebook", default=None,
                    help="grade only this exercise notebook's exercises, e.g. 03_scaled_dot_product_attention")
     g.add_argument("--cell-timeout", type=float, default=60, help="seconds per notebook cell (default 60)")
     g.add_argument("--call-timeout", type=float, default=TIME_LIMIT_S,
                    help=f"seconds per call of a graded function (default {TIME_LIMIT_S:g})")
-    w = sub.add_parser("_worker", help=argparse.SUPPRESS)
-    w.add_argument("notebook")
-    w.add_argument("seed", type=int)
-    w.add_argument("out")
-    w.add_argument("--cell-timeout", type=float, default=60)
-    w.add_argument("--call-timeout", type=float, default=TIME_LIMIT_S)
+    g.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="run submissions WITHOUT bubblewrap (only for code you trust); recorded in the output")
     args = parser.parse_args(argv)
-    if args.command == "_worker":
-        worker(args.notebook, args.seed, args.out, args.cell_timeout, args.call_timeout)
-        return 0
-    reports = grade_folder(args.folder, args.out, args.json, args.timeout, args.memory_mb, args.jobs,
-                           notebook=args.notebook, cell_timeout_s=args.cell_timeout,
-                           call_timeout_s=args.call_timeout)
-    print(f"graded {len(reports)} notebooks -> {args.out}")
+    try:
+        reports = grade_folder(args.folder, args.out, args.json, args.timeout, args.memory_mb, args.jobs,
+                               notebook=args.notebook, cell_timeout_s=args.cell_timeout,
+                               call_timeout_s=args.call_timeout, sandbox=not args.unsafe_no_sandbox)
+    except (SandboxUnavailable, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"graded {len(reports)} notebooks -> {args.out}"
+          + ("  (NO SANDBOX: --unsafe-no-sandbox)" if args.unsafe_no_sandbox else ""))
     return 0
 
 

@@ -1,0 +1,363 @@
+"""The untrusted side of batch grading: runs INSIDE the sandbox, one process per
+submitted notebook. Standalone on purpose (only the standard library and
+torch): the sandbox holds this file and a stub `gptcourse` package, never the
+course's reference implementations.
+
+    python grading_worker.py  < job   (job: one JSON line, then torch.save bytes)
+
+The JSON line holds the secret key of this run, the number of the file
+descriptor that receives the results, and the time limits. The bytes that
+follow hold the notebook's code cells and, per exercise, the name of the
+function to call and the inputs the grader chose (from a secret seed).
+
+What it does, in this order:
+  1. reads the whole job from stdin, then closes stdin;
+  2. installs an audit hook (`sys.addaudithook`: it cannot be removed) that
+     refuses new processes, signals to other processes, ctypes, the garbage
+     collector's object lists, frame introspection, and sys.setprofile /
+     sys.settrace; threads are refused by replacing `_thread.start_new_thread`
+     (and, under the grader's cgroup, by the kernel's process-count limit);
+  3. runs the notebook's code cells (each with a time limit, output thrown
+     away, errors ignored as in a notebook run with errors allowed);
+  4. calls each exercise's function on a deep copy of each input, under a time
+     limit, with a TorchFunctionMode and a TorchDispatchMode that record the
+     torch functions and the ATen operators actually executed;
+  5. writes, to the result descriptor, an HMAC of the payload and the payload
+     (torch.save of plain data: statuses, outputs, recorded operators).
+
+It never decides a grade: the grader compares the outputs with the reference
+and judges the recorded operators itself. A submission that writes to the
+result descriptor itself cannot sign what it writes (the key lives only in
+closures its code cannot reach), so the grader rejects it.
+"""
+import copy
+import hashlib
+import hmac
+import io
+import json
+import os
+import signal
+import sys
+
+EVENTS_BLOCKED = (
+    "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
+    "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "sys._current_frames",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.setprofile", "sys.settrace",
+    "sys.addaudithook", "socket.connect", "socket.bind", "os.setns", "os.unshare",
+)
+FRAME_ATTRIBUTES = ("tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back")
+GUARDED_PACKAGES = ("torch", "builtins", "copy", "io", "pickle", "hmac", "hashlib", "json", "signal", "os",
+                    "_thread", "threading", "sys")
+# module dicts the worker relies on after student code ran: any name the submission
+# rebinds is put back and reported (the grader gives zero for it)
+WATCHED_MODULES = ("builtins", "copy", "io", "pickle", "hmac", "hashlib", "json", "os", "signal", "_thread",
+                   "threading", "torch", "torch._C", "torch.serialization", "torch.nn.functional",
+                   "torch.overrides", "torch.utils._python_dispatch", "torch._tensor", "__main__")
+SYS_WATCHED = ("audit", "addaudithook", "setprofile", "settrace", "modules", "_getframe")
+
+
+def make_watch():
+    """check(): put back every watched module attribute the submission rebound
+    since make_watch() ran; returns their names."""
+    snapshots = []
+    for name in WATCHED_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            snapshots.append((name, module.__dict__, dict(module.__dict__)))
+    sys_dict = sys.__dict__
+    sys_snapshot = {k: sys_dict[k] for k in SYS_WATCHED if k in sys_dict}
+
+    def check():
+        changed = []
+        for name, namespace, before in snapshots:
+            for attr, obj in before.items():
+                if attr not in namespace or namespace[attr] is not obj:
+                    changed.append(f"{name}.{attr}")
+                    namespace[attr] = obj
+        for attr, obj in sys_snapshot.items():
+            if attr not in sys_dict or sys_dict[attr] is not obj:
+                changed.append(f"sys.{attr}")
+                sys_dict[attr] = obj
+        return changed
+    return check
+
+
+class TimeLimit(BaseException):
+    """Raised by the alarm when a call or a cell runs past its limit."""
+
+
+def _install_guards(token, on_record):
+    """The audit hook (permanent) and the thread block. Returns nothing the
+    submission can use: the hook's state lives only in its closure.
+
+    token: the object whose identity proves a call comes from this file.
+    on_record: a dict name -> list the hook appends to (ops, functions, violations)."""
+    record = on_record
+    state = {"armed": False, "inside": False}
+    getframe = sys._getframe
+    import torch
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    guarded_types = set()                             # the classes of these packages that exist now
+    stack = [object]
+    while stack:
+        cls = stack.pop()
+        if (getattr(cls, "__module__", "") or "").split(".")[0] in GUARDED_PACKAGES:
+            guarded_types.add(id(cls))
+        try:
+            stack.extend(type.__subclasses__(cls))
+        except TypeError:
+            pass
+
+    def hook(event, args):
+        if event == "gptcourse.record":                 # (token, kind, name) from the monitors
+            if len(args) == 3 and args[0] is token:
+                record[args[1]].append(args[2])
+            return
+        if event == "gptcourse.arm":                    # the worker, once its own set-up is done
+            if len(args) == 1 and args[0] is token:
+                state["armed"] = True
+            return
+        if not state["armed"]:
+            return
+        if event.startswith("ctypes.") or event in EVENTS_BLOCKED:
+            record["violations"].append(event)
+            if event == "sys._current_frames":
+                raise ValueError("frame introspection is disabled while grading")
+            raise RuntimeError(f"{event} is not allowed while grading")
+        if event == "sys._getframe":                    # torch's own code may; namedtuple and enum
+            if state["inside"]:                         # cope with the ValueError
+                return
+            state["inside"] = True
+            try:
+                caller = getframe(1).f_code.co_filename
+            finally:
+                state["inside"] = False
+            if not caller.startswith(torch_dir):
+                raise ValueError("frame introspection is disabled while grading")
+            return
+        if event == "object.__setattr__" and len(args) >= 2 and id(args[0]) in guarded_types:
+            record["violations"].append(f"{args[0].__name__}.{args[1]} set")
+            raise RuntimeError(f"changing {args[0].__name__}.{args[1]} is not allowed while grading")
+        if event == "object.__getattr__" and len(args) == 2 and args[1] in FRAME_ATTRIBUTES:
+            record["violations"].append(f"{type(args[0]).__name__}.{args[1]}")
+            raise AttributeError(f"{args[1]} is not available while grading")
+
+    sys.addaudithook(hook)
+
+    def no_threads(*args, **kwargs):
+        sys.audit("gptcourse.thread")
+        raise RuntimeError("threads are not allowed while grading")
+
+    import _thread
+    import threading
+    _thread.start_new_thread = _thread.start_new = no_threads
+    threading._start_new_thread = no_threads
+
+
+def make_monitor(token):
+    """(enter, leave): push and pop a TorchFunctionMode and a TorchDispatchMode
+    that report every torch function and ATen operator run between the two
+    (through sys.audit, so the record is kept by the audit hook's closure, out
+    of the submission's reach). leave() returns None when the modes are where
+    enter() put them, else what changed."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    audit = sys.audit
+    push_dispatch, pop_dispatch = torch._C._push_on_torch_dispatch_stack, torch._C._pop_torch_dispatch_stack
+    len_dispatch, at_dispatch = torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_stack_at
+    push_function, pop_function = torch._C._push_on_torch_function_stack, torch._C._pop_torch_function_stack
+    len_function, at_function = torch._C._len_torch_function_stack, torch._C._get_function_stack_at
+
+    class FunctionRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", None) or repr(func)
+            audit("gptcourse.record", token, "functions", f"{getattr(func, '__module__', '') or ''}.{name}")
+            return func(*args, **(kwargs or {}))
+
+    class DispatchRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            audit("gptcourse.record", token, "ops", str(func))
+            return func(*args, **(kwargs or {}))
+
+    modes = {}
+
+    def enter():
+        modes["f"], modes["d"] = FunctionRecorder(), DispatchRecorder()
+        modes["nf"], modes["nd"] = len_function(), len_dispatch()
+        push_function(modes["f"])
+        push_dispatch(modes["d"])
+
+    def leave():
+        changed = None
+        if len_dispatch() != modes["nd"] + 1 or at_dispatch(modes["nd"]) is not modes["d"]:
+            changed = "the dispatch-mode stack"
+        if len_function() != modes["nf"] + 1 or at_function(modes["nf"]) is not modes["f"]:
+            changed = changed or "the torch-function-mode stack"
+        while len_dispatch() > modes["nd"]:
+            pop_dispatch(None)
+        while len_function() > modes["nf"]:
+            pop_function()
+        return changed
+    return enter, leave
+
+
+def _warm_up(enter, leave):
+    """Run common operators under the monitor once (torch imports modules the
+    first time a mode handles an operator; that must happen before the guards)."""
+    import torch
+    x = torch.randn(2, 3, 4)
+    for dtype in (torch.float32, torch.float64):
+        enter()
+        try:
+            y = x.to(dtype)
+            s = (y @ y.transpose(-2, -1) / 2.0).masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), -1e9)
+            w = torch.softmax(s, dim=-1)
+            torch.cat([w, w], -1).sort(-1, descending=True)[0].cumsum(-1)
+            torch.topk(y, 2).values.mean(-1, keepdim=True).var().sqrt()
+            torch.zeros(3).scatter(0, torch.tensor([0]), torch.tensor([1.0]))
+            torch.sin(torch.arange(4.0)) + torch.cos(torch.arange(4.0)) ** 2
+            y.view(2, 3, 2, 2).transpose(1, 2).reshape(2, 2, 6).tolist()
+        finally:
+            leave()
+
+
+def _alarm(seconds):
+    def on_alarm(signum, frame):
+        raise TimeLimit()
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def _plain(value):
+    """Outputs as data the grader can load with torch.load(weights_only=True)."""
+    import torch
+    if type(value) is torch.Tensor or type(value) is torch.nn.Parameter:
+        value = value.detach()
+        if value.layout != torch.strided:
+            value = value.to_dense()
+        return value.cpu().clone()
+    if type(value) in (tuple, list):
+        items = [_plain(v) for v in value]
+        return tuple(items) if type(value) is tuple else items
+    if type(value) in (bool, int, float, str, type(None)):
+        return value
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _plain(value.item())
+    raise TypeError(f"returned a {type(value).__module__}.{type(value).__name__}")
+
+
+def call_monitored(fn, args, enter, leave, record, time_limit, watch=None):
+    """Call fn on a deep copy of args, monitored. Returns (status, value, ops, functions):
+    status "ok", "error", "timeout", "not implemented" or "tampered"."""
+    args = copy.deepcopy(args)
+    record["ops"].clear()
+    record["functions"].clear()
+    status, value = "ok", None
+    try:
+        _alarm(time_limit)
+        enter()
+        try:
+            value = fn(*args)
+        finally:
+            changed = leave()
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        if changed:
+            status, value = "tampered", f"changes {changed} (the grader's monitor)"
+    except TimeLimit:
+        leave()
+        status, value = "timeout", f"did not return within {time_limit:g} s (an endless loop?)"
+    except NotImplementedError:
+        status, value = "not implemented", "not implemented yet (the stub still raises NotImplementedError)"
+    except RecursionError:
+        status, value = "error", "raised RecursionError"
+    except Exception as e:                                    # the student's bug, reported
+        status, value = "error", f"raised {type(e).__name__}: {str(e)[:200]}"
+    except BaseException as e:                                # SystemExit, KeyboardInterrupt
+        status, value = "error", f"raised {type(e).__name__}"
+    changed = watch() if watch else []
+    if changed:
+        record["violations"].append("rebinds " + ", ".join(changed[:5]))
+    return status, value, list(record["ops"]), list(record["functions"])
+
+
+def main():
+    raw = sys.stdin.buffer.read()
+    os.close(0)
+    header, _, body = raw.partition(b"\n")
+    settings = json.loads(header)
+    mac = hmac.new(bytes.fromhex(settings.pop("key")), digestmod=hashlib.sha256)
+    result_fd = settings["result_fd"]
+    if settings.get("rlimit_mb"):                   # no cgroup: a per-process address-space limit
+        import resource
+        limit = settings["rlimit_mb"] * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import torch
+    torch.set_num_threads(1)
+    job = torch.load(io.BytesIO(body), weights_only=True)
+    del raw, body
+    token = object()
+    record = {"ops": [], "functions": [], "violations": []}
+    enter, leave = make_monitor(token)
+    _install_guards(token, record)
+    devnull = open(os.devnull, "w")
+    real_stdout, real_stderr = sys.stdout, sys.stderr
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    # everything used after student code runs is bound here, before it runs
+    call, plain, save, BytesIO, write, close, exit_now = \
+        call_monitored, _plain, torch.save, io.BytesIO, os.write, os.close, os._exit
+    alarm, setitimer, ITIMER_REAL, callable_, list_ = _alarm, signal.setitimer, signal.ITIMER_REAL, callable, list
+    _warm_up(enter, leave)                     # torch's lazy imports happen now, before arming
+    watch = make_watch()
+    sys.audit("gptcourse.arm", token)
+    cells, tampering = [], []
+    for source in job["cells"]:
+        sys.stdout = sys.stderr = devnull
+        try:
+            alarm(settings["cell_timeout"])
+            exec(compile(source, "<cell>", "exec"), namespace)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            cells.append("ok")
+        except TimeLimit:
+            cells.append("timeout")
+        except BaseException as e:                            # like a run with errors allowed
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            setitimer(ITIMER_REAL, 0)
+            cells.append(f"error: {type(e).__name__}")
+        sys.stdout, sys.stderr = real_stdout, real_stderr
+        tampering += watch()
+    tampering += record["violations"]
+    results = {}
+    for key, task in job["exercises"].items():
+        fn = namespace.get(task["function"])
+        if not callable_(fn):
+            continue
+        results[key] = []
+        for args in task["inputs"]:
+            sys.stdout = sys.stderr = devnull
+            record["violations"].clear()
+            status, value, ops, functions = call(fn, args, enter, leave, record, settings["call_timeout"], watch)
+            sys.stdout, sys.stderr = real_stdout, real_stderr
+            if status == "ok":
+                try:
+                    value = plain(value)
+                except Exception as e:
+                    status, value = "error", str(e)[:200]
+            results[key].append([status, value, ops, functions, list_(record["violations"])])
+            if status in ("timeout", "tampered"):
+                break
+    tampering += watch()
+    buffer = BytesIO()
+    save({"cells": cells, "tampering": tampering, "exercises": results}, buffer)
+    payload = buffer.getvalue()
+    mac.update(payload)
+    data = mac.hexdigest().encode() + b"\n" + payload
+    view = memoryview(data)
+    while view:
+        view = view[write(result_fd, view):]
+    close(result_fd)
+    exit_now(0)                                               # no atexit handler of the submission runs
+
+
+if __name__ == "__main__":
+    main()
