@@ -29,6 +29,7 @@ How it stays honest:
     printing "PASS" or patching the grader changes nothing.
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -119,7 +120,7 @@ def _tampered(snapshots):
     return changed
 
 
-def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S):
+def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S, forbidden_ops=()):
     """Call fn(*args) with forbidden calls, the grader's namespaces and a time
     limit watched.
 
@@ -127,22 +128,32 @@ def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S):
     "not implemented", "error", "forbidden", "timeout".
     """
     snapshots = [dict(ns) for ns in _watched()]
-    outcome = _call_profiled(fn, args, forbidden, time_limit)
+    outcome = _call_profiled(fn, args, forbidden, time_limit, forbidden_ops)
     changed = _tampered(snapshots)
     if changed:
         return "forbidden", f"changes the grader or torch ({changed}), which earns no points"
     return outcome
 
 
-def _call_profiled(fn, args, forbidden, time_limit):
+def _call_profiled(fn, args, forbidden, time_limit, forbidden_ops=()):
+    from .grading_worker import make_monitor
     profiler, found = _guard(forbidden)
+    record = {"ops": [], "functions": []}
+    enter, leave = make_monitor(None, sink=record)
     try:
         with _time_limit(time_limit):
+            enter()
             sys.setprofile(profiler)
             try:
                 output = fn(*args)
             finally:
                 sys.setprofile(None)
+                changed = leave()
+        if changed:
+            return "forbidden", f"changes {changed} (the grader's monitor), which earns no points"
+        for name in record["ops"] + record["functions"]:
+            if any(pattern in name for pattern in forbidden_ops):
+                return "forbidden", f"calls {name}, which this exercise asks you to write yourself"
     except ForbiddenCall as e:
         return "forbidden", f"calls {e.args[0]}, which this exercise asks you to write yourself"
     except TimeLimit:
@@ -272,8 +283,8 @@ def run_cases(exercise, fn, inputs, time_limit=TIME_LIMIT_S):
     """Call fn on each case's inputs (guarded); returns one (status, value) per case."""
     outcomes = []
     for args in inputs:
-        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]   # fn may modify them
-        outcomes.append(call_guarded(fn, args, exercise.forbidden(), time_limit))
+        args = copy.deepcopy(args)                           # fn may modify them, lists included
+        outcomes.append(call_guarded(fn, args, exercise.forbidden(), time_limit, exercise.forbidden_ops))
         if outcomes[-1][0] in ("forbidden", "timeout"):
             break
     outcomes += [("error", "not run: an earlier test did not return")] * (len(inputs) - len(outcomes))

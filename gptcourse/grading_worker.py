@@ -154,7 +154,7 @@ def _install_guards(token, on_record):
     threading._start_new_thread = no_threads
 
 
-def make_monitor(token):
+def make_monitor(token, sink=None):
     """(enter, leave): push and pop a TorchFunctionMode and a TorchDispatchMode
     that report every torch function and ATen operator run between the two
     (through sys.audit, so the record is kept by the audit hook's closure, out
@@ -163,7 +163,7 @@ def make_monitor(token):
     import torch
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
-    audit = sys.audit
+    audit = sys.audit if sink is None else (lambda event, token_, kind, name: sink[kind].append(name))
     push_dispatch, pop_dispatch = torch._C._push_on_torch_dispatch_stack, torch._C._pop_torch_dispatch_stack
     len_dispatch, at_dispatch = torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_stack_at
     push_function, pop_function = torch._C._push_on_torch_function_stack, torch._C._pop_torch_function_stack

@@ -247,7 +247,9 @@ def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, 
     limits = "cgroup" if folders else ("rlimit" if memory_mb else "none")
     env = {"PATH": "/usr/bin:/bin", "HOME": stub_dir, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1", "GPTCOURSE_OFFLINE": "1", "LANG": "C.UTF-8"}
-    job = job.replace(b'"rlimit_mb": 0', f'"rlimit_mb": {0 if folders else memory_mb}'.encode(), 1)
+    # per process as well: a single huge allocation then fails with MemoryError in that
+    # cell instead of the cgroup's OOM killer ending the whole notebook (virtual size: slack)
+    job = job.replace(b'"rlimit_mb": 0', f'"rlimit_mb": {memory_mb + 2048 if memory_mb else 0}'.encode(), 1)
     cwd = stub_dir if not sandbox else "/"
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             pass_fds=(result_w,), env=env, cwd=cwd, start_new_session=True)

@@ -363,67 +363,164 @@ def replace_sdpa(body):
     return json.dumps(nb)
 
 
-def test_batch_grading_survives_every_kind_of_submission(tmp_path):
-    subs = tmp_path / "submissions"
-    subs.mkdir()
+def _weights(q, k, mask=None):
+    return ("    w = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]))"
+            ".masked_fill(~mask if mask is not None else torch.zeros((), dtype=torch.bool), float('-inf')), -1)\n")
+
+
+# a cheat's attention: PyTorch's ready-made output, the weights by hand (so both items match)
+CHEAT_WEIGHTS = ("    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])\n"
+                 "    if mask is not None:\n        s = s.masked_fill(~mask, float('-inf'))\n"
+                 "    w = torch.softmax(s, -1)\n")
+
+
+def cheat(call):
+    return replace_sdpa("import torch.nn.functional as F, functools, threading\n"
+                        "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                        + CHEAT_WEIGHTS + f"    out = {call}\n    return out, w\n")
+
+
+def attack_submissions(subs):
+    """name -> (notebook text, sdpa points, causal_mask points, words of the status)."""
     wrong_scale = ("def scaled_dot_product_attention(q, k, v, mask=None):\n"
                    "    s = q @ k.transpose(-2, -1)\n"
                    "    if mask is not None:\n"
                    "        s = s.masked_fill(~mask, float('-inf'))\n"
                    "    w = torch.softmax(s, -1)\n"
                    "    return w @ v, w\n")
-    cases = {
+    different = ("def scaled_dot_product_attention(q, k, v, mask=None):\n"     # correct, written otherwise
+                 "    s = torch.einsum('...qd,...kd->...qk', q, k) * q.shape[-1] ** -0.5\n"
+                 "    if mask is not None:\n        s = torch.where(mask, s, torch.tensor(float('-inf'), dtype=s.dtype))\n"
+                 "    w = (s - s.amax(-1, keepdim=True)).exp()\n    w = w / w.sum(-1, keepdim=True)\n"
+                 "    return torch.einsum('...qk,...kd->...qd', w, v), w\n"
+                 "def causal_mask(T):\n    i = torch.arange(T)\n    return i[:, None] >= i[None, :]\n")
+    return {
         "alice_solution": (json.dumps(SOLVED), 8, 3, "graded"),
+        "amy_different_but_correct": (replace_sdpa(different), 8, 3, "graded"),
         "bob_stub": (json.dumps(STUB), 0, 0, "graded"),
         "carol_not_json": ("{ this is not a notebook", 0, 0, "not a valid notebook"),
         "dave_no_scale": (replace_sdpa(wrong_scale), 2, 3, "graded"),
-        "eve_calls_library": (replace_sdpa(
+        # ready-made attention by every route the review found
+        "eve_torch_function": (cheat("F.scaled_dot_product_attention(q, k, v, attn_mask=mask)"), 0, 3, "graded"),
+        "eve_aten_op": (cheat("torch.ops.aten.scaled_dot_product_attention(q, k, v, attn_mask=mask)"), 0, 3,
+                        "graded"),
+        "eve_partial_map": (cheat("list(map(functools.partial(F.scaled_dot_product_attention, attn_mask=mask), "
+                                  "[q], [k], [v]))[0]"), 0, 3, "graded"),
+        "eve_thread": (cheat("(lambda r: (threading.Thread(target=lambda: r.append("
+                             "F.scaled_dot_product_attention(q, k, v, attn_mask=mask))).start(), r)[1][0])([])"),
+                       0, 3, "graded"),
+        "eve_pops_the_monitor": (cheat("(torch._C._pop_torch_dispatch_stack(None), "
+                                       "F.scaled_dot_product_attention(q, k, v, attn_mask=mask))[1]"), 0, 3, "graded"),
+        "eve_library_reference": (notebook(
             "from gptcourse.attention import scaled_dot_product_attention as ref\n"
-            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return ref(q, k, v, mask)\n"),
-            0, 3, "graded"),
+            "import inspect, gptcourse.attention\nexec(inspect.getsource(gptcourse.attention))\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return ref(q, k, v, mask)\n",
+            base=STUB), 0, 0, "graded"),
         "frank_hard_coded": (replace_sdpa(
             "_shown = (torch.zeros(2, 5, 8), torch.full((2, 5, 5), 0.2))\n"
             "def scaled_dot_product_attention(q, k, v, mask=None):\n    return _shown\n"), 0, 3, "graded"),
+        # the grader itself
         "grace_patches_grader": (notebook(
             "import gptcourse.grading as g\n"
             "g.evaluate = lambda ex, outcomes, inputs: dict(points=99, possible=99, tests=[], hints=[])\n"
             "g.compare = lambda *a, **k: None\nprint('PASS 11/11 points')\n", base=STUB), 0, 0, "graded"),
+        "grace_patches_worker": (notebook(
+            "import __main__, torch\n__main__.call_monitored = lambda *a, **k: ('ok', None, [], [])\n"
+            "torch.save = lambda *a, **k: None\n"), 0, 0, "tampered"),
+        "grace_forges_results": (notebook(
+            "import os, torch, io\nb = io.BytesIO()\ntorch.save({'cells': [], 'exercises': {}}, b)\n"
+            "for fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64 + b'\\n' + b.getvalue())\n"
+            "    except OSError:\n        pass\nos._exit(0)\n"), 0, 0, "results rejected"),
+        "grace_steals_key": (notebook(
+            "import sys\ntry:\n    raise ValueError\nexcept ValueError as e:\n    f = e.__traceback__.tb_frame.f_back\n"
+            "    KEY = f.f_locals\n"), 0, 0, "tampered"),
+        "grace_kills_grader": (notebook(
+            "import os, signal, ctypes\nfor p in (os.getppid(), 1):\n    try:\n        os.kill(p, 9)\n"
+            "    except Exception:\n        pass\nctypes.CDLL(None).kill(0, 9)\n"), 0, 0, "tampered"),
+        "grace_detached_child": (notebook(
+            "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000'], start_new_session=True)\n"),
+            0, 0, "tampered"),
+        "grace_writes_outside": (notebook(
+            f"for p in [{str(subs)!r} + '/alice_solution.ipynb', {str(subs.parent)!r} + '/out/grades.csv', "
+            f"{str(ROOT / 'gptcourse' / 'exercises.py')!r}]:\n"
+            "    try:\n        open(p, 'w').write('owned')\n    except OSError:\n        pass\n"), 8, 3, "graded"),
+        # robustness
         "heidi_endless_cell": (notebook("while True:\n    pass\n"), 8, 3, "graded"),
         "ivan_endless_function": (replace_sdpa(
             "def scaled_dot_product_attention(q, k, v, mask=None):\n    while True:\n        pass\n"),
             0, 3, "graded"),
+        "ivan_sparse_output": (replace_sdpa(
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return q.to_sparse(), object()\n"),
+            0, 3, "graded"),
         "judy_import_error": (notebook("import a_module_that_does_not_exist\n"), 8, 3, "graded"),
-        "ken_memory_hog": (notebook("hog = bytearray(64 * 1024 ** 3)\n"), 8, 3, "graded"),
+        "ken_memory_hog": (notebook("hog = b'1' * (6 * 1024 ** 3)\n"), 8, 3, "graded"),
         "leo_deletes_files": (notebook(
             f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n"), 8, 3, "graded"),
         "mallory_exits": (notebook("import os\nos._exit(3)\n"), 0, 0, "exit code 3"),
         "nancy_hangs": (notebook("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
                                  "while True:\n    pass\n"), 0, 0, "time limit"),
+        "oscar_floods_output": (notebook("import sys, os\nfor _ in range(2000):\n"
+                                         "    os.write(2, b'x' * 1024 * 1024)\n"), 8, 3, "graded"),
     }
+
+
+def test_batch_grading_against_attacks(tmp_path):
+    """Every attack in one grading run: the cheats earn zero, honest code (however
+    written) full marks, and the CSV holds every student, sandboxed."""
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    cases = attack_submissions(subs)
     for name, (text, *_rest) in cases.items():
         (subs / f"{name}.ipynb").write_text(text)
+    (subs / "zoe_folder.ipynb").mkdir()                     # a folder whose name ends in .ipynb
     out = tmp_path / "out" / "grades.csv"
     result = subprocess.run(
         [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
-         "--notebook", "03_scaled_dot_product_attention", "--timeout", "30", "--cell-timeout", "3",
-         "--call-timeout", "2", "--jobs", "2"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+         "--notebook", "03_scaled_dot_product_attention", "--timeout", "20", "--cell-timeout", "3",
+         "--call-timeout", "2", "--jobs", "2", "--memory-mb", "2048"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["student"]: r for r in csv.DictReader(out.open())}
-    assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status"]
+    assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status",
+                                               "sandbox"]
     assert set(rows) == set(cases)
+    wrong = []
     for name, (_, sdpa, causal, status) in cases.items():
         row = rows[name]
-        assert (int(row["sdpa"]), int(row["causal_mask"])) == (sdpa, causal), (name, row)
-        assert int(row["total"]) == sdpa + causal and row["possible"] == "11"
-        assert status in row["status"], (name, row["status"])
+        if (int(row["sdpa"]), int(row["causal_mask"])) != (sdpa, causal) or status not in row["status"]:
+            wrong.append((name, row["sdpa"], row["causal_mask"], row["status"]))
+        assert row["sandbox"] == "bubblewrap" and row["possible"] == "11"
+    assert not wrong, wrong
     report = {r["student"]: r for r in json.loads(out.with_suffix(".json").read_text())}
     assert any("sqrt(d_k)" in h for h in report["dave_no_scale"]["exercises"]["sdpa"]["hints"])
-    assert "calls gptcourse.attention.scaled_dot_product_attention" in \
-        report["eve_calls_library"]["exercises"]["sdpa"]["tests"][0]["message"]
+    for name in ("eve_torch_function", "eve_aten_op", "eve_partial_map"):
+        assert "scaled_dot_product_attention" in report[name]["exercises"]["sdpa"]["tests"][0]["message"], name
     assert "did not return within 2 s" in report["ivan_endless_function"]["exercises"]["sdpa"]["tests"][0]["message"]
-    assert [p.name for p in out.parent.iterdir()] == ["grades.csv", "grades.json"] or \
-        sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.json"]   # no temp files left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.json"]   # no temp files left
+    assert (ROOT / "gptcourse" / "exercises.py").read_text() != "owned"
+    leftovers = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), leftovers                # nothing of a submission outlives the run
+
+
+def test_no_bubblewrap_refuses_unless_unsafe(tmp_path, monkeypatch, capsys):
+    import shutil
+    from gptcourse import sandbox
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    (subs / "alice.ipynb").write_text(json.dumps(SOLVED))
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "bwrap" else real_which(name))
+    code = grading.main(["grade", str(subs), "--out", str(tmp_path / "g.csv"), "--notebook",
+                         "03_scaled_dot_product_attention"])
+    assert code == 2 and "bubblewrap (bwrap) is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "g.csv").exists()
+    with pytest.raises(sandbox.SandboxUnavailable):
+        grading.grade_folder(str(subs), str(tmp_path / "g.csv"), notebook="03_scaled_dot_product_attention")
+    reports = grading.grade_folder(str(subs), str(tmp_path / "g.csv"), notebook="03_scaled_dot_product_attention",
+                                   sandbox=False, progress=False, timeout_s=60)
+    assert reports[0]["exercises"]["sdpa"]["points"] == 8
+    row = next(csv.DictReader((tmp_path / "g.csv").open()))
+    assert row["sandbox"] == "NONE (--unsafe-no-sandbox)"
 
 
 def test_csv_is_replaced_atomically(tmp_path):
