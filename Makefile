@@ -13,7 +13,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser unit notebooks html outputs bench bench-pinning clean
+.PHONY: book test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading clean
 
 book: install assets
 	$(JB)
@@ -21,7 +21,7 @@ book: install assets
 # The chapters run in tests/test_colab.py, each once, as Colab runs them (a fresh
 # environment, gptcourse installed by the first cell) under nbval, strict; the
 # exercises run here under nbval. The times go to _build/test-report.xml (make bench).
-test: install assets browser
+test: install assets browser sandbox
 	$(PIN) $(BIN)/python -m pytest tests gptcourse exercises --doctest-modules --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -q --junitxml=_build/test-report.xml
 
 install: $(VENV)/.installed
@@ -47,6 +47,15 @@ book_static/.installed: Makefile
 browser:
 	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
+
+# bubblewrap, the sandbox the batch grader runs each submission in (gptcourse/sandbox.py)
+sandbox:
+	@command -v bwrap >/dev/null || (apt-get install -y -q bubblewrap >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null))
+
+# Grading time per notebook, sandboxed and not, side by side (not part of `make test`)
+bench-grading: install sandbox
+	$(BIN)/python benchmarks/bench_grading.py
 
 # Re-execute chapters and save their outputs (and widget state) into the notebooks:
 #   make outputs                       every chapter

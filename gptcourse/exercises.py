@@ -23,6 +23,8 @@ class Case:
     points: int = 1
     fixed: bool = False       # the same inputs every time (a worked example): earns its
                               # points only if the function also passes a random case
+    trivial: bool = False     # a fixed case that honest but wrong code often passes (T=1):
+                              # passing it alone is no sign of hard-coded answers
 
 
 @dataclass
@@ -357,10 +359,13 @@ EXERCISES = {e.key: e for e in [
              _ATTENTION_REFS, _ATTENTION_OPS),
     Exercise("causal_mask", "causal_mask", "Exercise 3.2: the causal mask",
              "03_scaled_dot_product_attention", causal_mask_ref,
-             [Case("T=1", lambda g: (1,), fixed=True), Case("T=4", lambda g: (4,), fixed=True),
+             [Case("T=1", lambda g: (1,), fixed=True, trivial=True), Case("T=4", lambda g: (4,), fixed=True),
               Case("random T", lambda g: (torch.randint(2, 40, (1,), generator=g).item(),))],
              [("upper", lambda T: torch.ones(T, T, dtype=torch.bool).triu(),
                "Query i may see keys j <= i: True on and BELOW the diagonal (tril), not above."),
+              ("blocked convention", lambda T: torch.ones(T, T, dtype=torch.bool).triu(1),
+               "Here True means MAY attend (PyTorch's nn.Transformer masks use True = blocked): "
+               "return tril(), True on and below the diagonal."),
               ("strict", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1),
                "Each position may attend to itself: keep the diagonal."),
               ("float", lambda T: torch.ones(T, T).tril(),
@@ -389,7 +394,7 @@ EXERCISES = {e.key: e for e in [
               Case("50 positions, d=16", lambda g: (50, 16, 10000)),
               Case("random size", lambda g: (torch.randint(2, 60, (1,), generator=g).item(),
                                              2 * torch.randint(2, 40, (1,), generator=g).item(), 10000)),
-              Case("one position", lambda g: (1, 8, 10000), fixed=True)],
+              Case("one position", lambda g: (1, 8, 10000), fixed=True, trivial=True)],
              [("swapped", _pe_variant(swap=True),
                "Even columns (2i) take the sine and odd columns (2i+1) the cosine: they look swapped."),
               ("i/d", _pe_variant(exponent="i/d"),
@@ -415,7 +420,7 @@ EXERCISES = {e.key: e for e in [
              [Case("hand example", lambda g: ([1, 2, 3, 1, 2], (1, 2), 9), fixed=True),
               Case("random ids, 30 long", _merge_inputs(30, 5)),
               Case("overlapping run 'aaa'", _merge_inputs(20, 5, repeat_run=True)),
-              Case("pair absent", lambda g: ([4, 5, 6], (6, 4), 300), fixed=True)],
+              Case("pair absent", lambda g: ([4, 5, 6], (6, 4), 300), fixed=True, trivial=True)],
              [("first only", _merge_first_only, "Replace EVERY occurrence of the pair, not only the first."),
               ("right to left", _merge_right_to_left,
                "Scan left to right: in 'a a a' the pair (a, a) merges the FIRST two.")],

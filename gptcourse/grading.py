@@ -120,6 +120,18 @@ def _tampered(snapshots):
     return changed
 
 
+_WARM = []
+
+
+def _warm_monitor():
+    """Run the monitor once (torch's lazy imports rebind a few of its names the
+    first time a mode handles an operator), before any snapshot is taken."""
+    if not _WARM:
+        from .grading_worker import _warm_up, make_monitor
+        _warm_up(*make_monitor(None, sink={"ops": [], "functions": []}))
+        _WARM.append(True)
+
+
 def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S, forbidden_ops=()):
     """Call fn(*args) with forbidden calls, the grader's namespaces and a time
     limit watched.
@@ -127,6 +139,7 @@ def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S, forbidden_ops=())
     Returns ("ok", output) or (status, message) with status one of
     "not implemented", "error", "forbidden", "timeout".
     """
+    _warm_monitor()
     snapshots = [dict(ns) for ns in _watched()]
     outcome = _call_profiled(fn, args, forbidden, time_limit, forbidden_ops)
     changed = _tampered(snapshots)
@@ -151,7 +164,7 @@ def _call_profiled(fn, args, forbidden, time_limit, forbidden_ops=()):
                 changed = leave()
         if changed:
             return "forbidden", f"changes {changed} (the grader's monitor), which earns no points"
-        for name in record["ops"] + record["functions"]:
+        for name in record["functions"] + record["ops"]:
             if any(pattern in name for pattern in forbidden_ops):
                 return "forbidden", f"calls {name}, which this exercise asks you to write yourself"
     except ForbiddenCall as e:
@@ -194,8 +207,10 @@ def compare(got, expected, rtol=None, atol=None):
             if torch.isnan(got).any() and not torch.isnan(expected).any():
                 return "the output contains NaN"
             # float32 sums in another order differ by ~1e-7 relative: allow 1e-4 / 1e-5
-            rtol = rtol or {torch.float64: 1e-9, torch.float32: 1e-4}.get(got.dtype, 1e-2)
-            atol = atol or {torch.float64: 1e-9, torch.float32: 1e-5}.get(got.dtype, 1e-3)
+            # float64 allows the usual float32 scalar idioms (torch.sqrt(torch.tensor(d_k)) is
+            # rounded to float32: ~3e-8 relative), which a student need not avoid
+            rtol = rtol or {torch.float64: 1e-6, torch.float32: 1e-4}.get(got.dtype, 1e-2)
+            atol = atol or {torch.float64: 1e-7, torch.float32: 1e-5}.get(got.dtype, 1e-3)
             ok = torch.isclose(got.cpu(), expected.cpu(), rtol=rtol, atol=atol, equal_nan=True)
             if not ok.all():
                 diff = (got.cpu() - expected.cpu()).abs()[~ok].nan_to_num(nan=math.inf, posinf=math.inf)
@@ -213,8 +228,14 @@ def compare(got, expected, rtol=None, atol=None):
     if isinstance(expected, bool) or isinstance(got, bool):
         return None if got is expected else f"expected {expected!r}, got {got!r}"
     if isinstance(expected, int):
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
+        # an integer answer of any integer-like type: a one-element tensor, a NumPy
+        # integer, or a float holding a whole number
+        if isinstance(got, torch.Tensor) and got.numel() == 1 and not got.is_complex():
             got = got.item()
+        if not isinstance(got, (int, float)) and type(got).__module__ == "numpy" and hasattr(got, "item"):
+            got = got.item()
+        if isinstance(got, float) and math.isfinite(got) and got.is_integer():
+            got = int(got)
         return None if isinstance(got, int) and got == expected else f"expected {expected}, got {got!r}"[:160]
     return None if got == expected else f"expected {expected!r}, got {got!r}"[:160]
 
@@ -264,7 +285,7 @@ def evaluate(exercise, outcomes, inputs):
                         hints.append(hint)
                 except Exception:
                     pass
-    if any(c.fixed and t["passed"] for c, t in zip(exercise.cases, tests)) and \
+    if any(c.fixed and not c.trivial and t["passed"] for c, t in zip(exercise.cases, tests)) and \
             not any(t["passed"] for c, t in zip(exercise.cases, tests) if not c.fixed):
         # right only on the worked examples, wrong on every fresh input: hard-coded answers?
         for case, t in zip(exercise.cases, tests):
@@ -414,7 +435,7 @@ def judge(exercise, raw_items, n_cases):
             continue
         status, value, ops, functions, violations = item
         status = str(status)
-        names = [str(n) for n in list(ops or []) + list(functions or [])]
+        names = [str(n) for n in list(functions or []) + list(ops or [])]    # the torch function first
         used = forbidden_used(exercise, names)
         if violations:
             outcomes.append(("forbidden", f"tampers with the grader ({str(violations[0])[:80]}), which earns no points"))

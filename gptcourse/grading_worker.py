@@ -171,8 +171,11 @@ def make_monitor(token, sink=None):
 
     class FunctionRecorder(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", None) or repr(func)
-            audit("gptcourse.record", token, "functions", f"{getattr(func, '__module__', '') or ''}.{name}")
+            if type(func).__module__ == "torch._ops":           # torch.ops.aten.X(...)
+                name = f"torch.ops.{func}"
+            else:
+                name = f"{getattr(func, '__module__', '') or ''}.{getattr(func, '__name__', None) or repr(func)}"
+            audit("gptcourse.record", token, "functions", name)
             return func(*args, **(kwargs or {}))
 
     class DispatchRecorder(TorchDispatchMode):

@@ -175,14 +175,15 @@ WRONG = [
     ("sdpa", sdpa_wrong_axis, 1, "over the keys"),
     ("sdpa", sdpa_mask_after, 3, "BEFORE the softmax"),
     ("sdpa", sdpa_mask_inverted, 3, "inverted"),
-    ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(), 0, "BELOW the diagonal"),
+    # T=1 and one position are trivial fixed cases: passing them honestly keeps their point
+    ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(), 1, "BELOW the diagonal"),
     ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1), 0, "keep the diagonal"),
     ("causal_mask", lambda T: torch.ones(T, T).tril(), 0, "bool tensor"),
     ("split_heads", lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1), 1, "swap the T and H"),
     ("merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), 1, "transpose(1, 2)"),
     ("positional", pe_swapped, 0, "look swapped"),
-    ("positional", pe_i_over_d, 0, "n^(2i/d), not n^(i/d)"),
-    ("positional", pe_multiply, 0, "not k * n^(2i/d)"),
+    ("positional", pe_i_over_d, 1, "n^(2i/d), not n^(i/d)"),
+    ("positional", pe_multiply, 1, "not k * n^(2i/d)"),
     ("layer_norm", ln_unbiased, 0, "biased variance"),
     ("layer_norm", ln_batch_axis, 0, "not over the batch"),
     ("layer_norm", ln_eps_outside, 1, "inside the square root"),
@@ -529,3 +530,72 @@ def test_csv_is_replaced_atomically(tmp_path):
     grading._write_atomically(str(target), "new\n")
     assert target.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["grades.csv"]
+
+
+# --- feedback: no false accusations, usual idioms accepted -----------------------
+
+def test_float32_scalar_idiom_on_float64_inputs_earns_full_marks():
+    def sdpa(q, k, v, mask=None):
+        s = q @ k.transpose(-2, -1) / torch.sqrt(torch.tensor(q.shape[-1]))     # a float32 scalar
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(s, -1)
+        return w @ v, w
+    for seed in SEEDS:
+        assert grade("sdpa", sdpa, seed=seed)["points"] == 8
+
+
+def test_integer_answers_of_any_integer_like_type():
+    import numpy as np
+    right = SOLUTIONS["count_gpt_params"]
+    for convert in (float, np.int64, lambda n: torch.tensor(n)):
+        result = grade("count_params", lambda *a: convert(right(*a)), seed=5)
+        assert result["points"] == result["possible"], convert
+    assert grade("count_params", lambda *a: right(*a) + 0.5, seed=5)["points"] == 0
+
+
+def test_arguments_are_copied_so_mutating_them_changes_nothing():
+    def merge_pair(ids, pair, new_id):               # right, but empties its input as it goes
+        out = []
+        while ids:
+            if len(ids) > 1 and (ids[0], ids[1]) == tuple(pair):
+                out.append(new_id)
+                del ids[:2]
+            else:
+                out.append(ids.pop(0))
+        return out
+    result = grade("bpe_merge", merge_pair, seed=3)
+    assert result["points"] == result["possible"], result
+
+
+def test_no_hard_coded_accusation_for_a_trivial_fixed_case():
+    # triu() is wrong but passes T=1 honestly: one point, the real hint, no accusation
+    result = grade("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(), seed=2)
+    assert result["points"] == 1
+    assert not any("fixed examples" in h for h in result["hints"])
+    assert any("BELOW the diagonal" in h for h in result["hints"])
+
+
+def test_pytorch_blocked_convention_gets_its_hint():
+    result = grade("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(1), seed=2)
+    assert result["points"] == 0
+    assert any("True = blocked" in h for h in result["hints"]), result["hints"]
+
+
+def test_forbidden_by_executed_operators_in_check():
+    import functools
+    import torch.nn.functional as F
+
+    def aten(q, k, v, mask=None):
+        w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1)
+        return torch.ops.aten.scaled_dot_product_attention(q, k, v), w
+
+    def wrapped(q, k, v, mask=None):
+        w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1)
+        return list(map(functools.partial(F.scaled_dot_product_attention), [q], [k], [v]))[0], w
+    for fn in (aten, wrapped):
+        assert grade("sdpa", fn, seed=1)["points"] == 0
+    for fn in (lambda x, g, b, eps=1e-5: torch.native_layer_norm(x, x.shape[-1:], g, b, eps)[0],
+               lambda x, g, b, eps=1e-5: F.group_norm(x.reshape(-1, x.shape[-1]), 1, g, b, eps).reshape(x.shape)):
+        result = grade("layer_norm", fn, seed=1)
+        assert result["points"] == 0 and "norm" in result["tests"][0]["message"]
