@@ -110,12 +110,16 @@ def sdpa_ref(q, k, v, mask=None):
 
 
 def _sdpa_variant(scale="sqrt", axis=-1, mask_mode="before"):
+    """A wrong attention: mask_mode "before" (right), "after", "inverted" or "zero"
+    (blocked scores set to 0 instead of -inf)."""
     def wrong(q, k, v, mask=None):
         d_k = q.shape[-1]
         scores = q @ k.transpose(-2, -1)
         scores = scores / {"sqrt": math.sqrt(d_k), "none": 1.0, "d_k": d_k}[scale]
         if mask is not None and mask_mode == "before":
             scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None and mask_mode == "zero":
+            scores = scores.masked_fill(~mask, 0.0)
         if mask is not None and mask_mode == "inverted":
             scores = scores.masked_fill(mask, float("-inf"))
         weights = torch.softmax(scores, dim=axis)
@@ -167,6 +171,13 @@ def merge_heads_ref(x):
 # ----------------------------------------------------------------------------
 # 07: sinusoidal positional encoding
 # ----------------------------------------------------------------------------
+
+def _pe_halves(n_positions, d_model, base=10000):
+    """Sines in the first half of the columns, cosines in the second (a common layout, not this one)."""
+    k = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    angle = k / base ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).float()
+
 
 def _pe_variant(swap=False, exponent="2i/d", divide=True):
     def wrong(n_positions, d_model, base=10000):
@@ -256,7 +267,8 @@ def _count_variant(kind):
         right = count_ref(n_layer, n_embd, vocab_size, block_size)
         return {"no positions": right - block_size * n_embd,
                 "untied": right + vocab_size * n_embd,
-                "12LC^2": 12 * n_layer * n_embd ** 2 + vocab_size * n_embd}[kind]
+                "12LC^2": 12 * n_layer * n_embd ** 2 + vocab_size * n_embd,
+                "no final LN": right - 2 * n_embd}[kind]
     return wrong
 
 
@@ -278,6 +290,19 @@ def _count_random():
 def _topk_off_by_one(logits, k):
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits <= kth, float("-inf"))        # drops the k-th too
+
+
+def _topk_large_negative(logits, k):
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -1e9)
+
+
+def _topp_sorted_order(logits, p):
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, -1)
+    drop = torch.cumsum(probs, -1) - probs >= p
+    drop[..., 0] = False
+    return sorted_logits.masked_fill(drop, float("-inf"))                  # never put back in token order
 
 
 def _topp_off_by_one(logits, p):
@@ -354,6 +379,8 @@ EXERCISES = {e.key: e for e in [
                "The softmax goes over the keys (the last axis, dim=-1): each query's weights sum to 1."),
               ("mask after", _sdpa_variant(mask_mode="after"),
                "Apply the mask BEFORE the softmax (masked scores = -inf), so the weights still sum to 1."),
+              ("mask zero", _sdpa_variant(mask_mode="zero"),
+               "Blocked scores must become -inf, not 0: exp(0) = 1 still gives a blocked key weight."),
               ("mask inverted", _sdpa_variant(mask_mode="inverted"),
                "The mask is inverted: True means MAY attend; block where the mask is False.")],
              _ATTENTION_REFS, _ATTENTION_OPS),
@@ -399,6 +426,9 @@ EXERCISES = {e.key: e for e in [
                "Even columns (2i) take the sine and odd columns (2i+1) the cosine: they look swapped."),
               ("i/d", _pe_variant(exponent="i/d"),
                "The exponent is 2i/d where 2i is the even column index: use n^(2i/d), not n^(i/d)."),
+              ("halves", _pe_halves,
+               "Interleave sine and cosine: sines in the even columns 0, 2, 4, ..., cosines in the odd "
+               "ones, not all sines in the first half and all cosines in the second."),
               ("multiply", _pe_variant(divide=False),
                "Divide the position by n^(2i/d): k / n^(2i/d), not k * n^(2i/d).")],
              ("gptcourse.positional.sinusoidal_encoding", "gptcourse.exercises.pe_ref")),
@@ -434,6 +464,8 @@ EXERCISES = {e.key: e for e in [
                "Count the learned position embeddings too: block_size x n_embd."),
               ("untied", _count_variant("untied"),
                "The output layer shares its weight with the token embedding: count it once."),
+              ("no final LN", _count_variant("no final LN"),
+               "Count the final LayerNorm after the last block too: 2 x n_embd."),
               ("12LC^2", _count_variant("12LC^2"),
                "12 n_layer d^2 is only the blocks' matrices: add biases, LayerNorms and position embeddings.")],
              ("gptcourse.gpt.count_params", "gptcourse.gpt.GPT.__init__", "gptcourse.exercises.count_ref")),
@@ -444,7 +476,10 @@ EXERCISES = {e.key: e for e in [
               Case("k = V (keep all)", _logits_inputs(1, 7, 7)),
               Case("float64, random k", _logits_inputs(4, 50, lambda g: torch.randint(1, 50, (1,), generator=g).item(), f64))],
              [("off by one", _topk_off_by_one,
-               "Keep the k largest logits: the k-th largest itself must stay (use < not <=).")],
+               "Keep the k largest logits: the k-th largest itself must stay (use < not <=)."),
+              ("large negative", _topk_large_negative,
+               "Set the dropped logits to float('-inf'), not a large negative number: only -inf gives "
+               "them probability exactly 0 at any temperature.")],
              ("gptcourse.sampling.top_k_filter",)),
     Exercise("top_p", "top_p_filter", "Exercise 13.2: top-p (nucleus) filtering",
              "13_decoding_and_kv_cache", sampling.top_p_filter,
@@ -454,7 +489,10 @@ EXERCISES = {e.key: e for e in [
               Case("p=1.0 keeps everything", _logits_inputs(1, 12, 1.0))],
              [("off by one", _topp_off_by_one,
                "Keep the token that makes the cumulative probability cross p: drop a token only when "
-               "the tokens ranked ABOVE it already reach p.")],
+               "the tokens ranked ABOVE it already reach p."),
+              ("sorted order", _topp_sorted_order,
+               "Put the filtered logits back in the original token order (scatter with the sort indices): "
+               "column j of the output must still be token j.")],
              ("gptcourse.sampling.top_p_filter",)),
     Exercise("kv_cache", "kv_cache_update", "Exercise 13.3: a KV-cache update step",
              "13_decoding_and_kv_cache", kv_update_ref,

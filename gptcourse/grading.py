@@ -13,20 +13,27 @@ Instructors, on a folder of submitted notebooks:
 
     python -m gptcourse.grading grade SUBMISSIONS/ --out grades.csv
 
-    -> runs each notebook in its own process (time and memory limits, its
-       own empty folder), grades every exercise, writes grades.csv (one row
-       per student, one column per exercise, total) and grades.json (the
-       feedback of every test), both atomically.
+    -> runs each notebook under bubblewrap (gptcourse/sandbox.py: user nobody,
+       own PID/network/mount/IPC namespaces, read-only system, no course
+       sources, cgroup memory and process limits, a wall clock for the whole
+       tree), grades every exercise, writes grades.csv (one row per student,
+       one column per exercise, total, status, sandbox) and grades.json (the
+       feedback of every test), both atomically. Without bubblewrap it refuses
+       unless --unsafe-no-sandbox is given, which the reports record.
 
 How it stays honest:
-  * inputs are drawn fresh at every check, so answers hard-coded for the
-    notebook's examples fail;
-  * the student's function runs under a profiler that sees every call: if
-    it calls a reference implementation (gptcourse's or PyTorch's) it gets
-    zero for that exercise, and so does code that touches the profiler;
-  * in batch grading the student's code only computes outputs; the grades
-    are computed by the grading process, which never runs student code, so
-    printing "PASS" or patching the grader changes nothing.
+  * inputs are drawn from a secret seed per student (and fresh at every
+    check), so answers hard-coded for the notebook's examples fail;
+  * the student's function runs under a TorchFunctionMode and a
+    TorchDispatchMode that record the torch functions and ATen operators it
+    actually executes: a ready-made implementation (PyTorch's attention or
+    layer norm, by any name) earns zero for that exercise; in check(), a
+    profiler also catches calls of the course's own reference functions;
+  * in batch grading the sandboxed worker (gptcourse/grading_worker.py) only
+    computes outputs and records operators, and signs what it sends; the
+    grades, the forbidden-operator verdicts and the hints are computed here,
+    by the grading process, which never runs student code, so printing
+    "PASS", patching the grader or writing a results file changes nothing.
 """
 import contextlib
 import copy

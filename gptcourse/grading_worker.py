@@ -46,6 +46,8 @@ EVENTS_BLOCKED = (
     "sys.addaudithook", "socket.connect", "socket.bind", "os.setns", "os.unshare",
 )
 FRAME_ATTRIBUTES = ("tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back")
+PRISTINE_MODULES = ("_thread", "threading", "_signal", "signal", "gc", "ctypes", "_ctypes", "_posixsubprocess",
+                    "posix", "os", "sys", "builtins", "marshal", "_imp", "_io", "io", "_weakref")
 GUARDED_PACKAGES = ("torch", "builtins", "copy", "io", "pickle", "hmac", "hashlib", "json", "signal", "os",
                     "_thread", "threading", "sys")
 # module dicts the worker relies on after student code ran: any name the submission
@@ -82,10 +84,6 @@ def make_watch():
     return check
 
 
-class TimeLimit(BaseException):
-    """Raised by the alarm when a call or a cell runs past its limit."""
-
-
 def _install_guards(token, on_record):
     """The audit hook (permanent) and the thread block. Returns nothing the
     submission can use: the hook's state lives only in its closure.
@@ -93,15 +91,19 @@ def _install_guards(token, on_record):
     token: the object whose identity proves a call comes from this file.
     on_record: a dict name -> list the hook appends to (ops, functions, violations)."""
     record = on_record
-    state = {"armed": False, "inside": False}
-    getframe = sys._getframe
-    import torch
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    state = {"armed": False}
+    import site
+    # code may be imported from Python's and its packages' read-only folders only, not
+    # from a file the submission wrote (a compiled extension would bypass every guard)
+    allowed = tuple({os.path.join(p, "") for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr"]
+                     + site.getsitepackages() + [p for p in sys.path if p.startswith(("/usr", sys.base_prefix))]})
     guarded_types = set()                             # the classes of these packages that exist now
     stack = [object]
     while stack:
         cls = stack.pop()
-        if (getattr(cls, "__module__", "") or "").split(".")[0] in GUARDED_PACKAGES:
+        module = cls.__dict__.get("__module__") if isinstance(cls.__dict__, dict) else None
+        module = module if isinstance(module, str) else getattr(cls, "__module__", "")
+        if isinstance(module, str) and module.split(".")[0] in GUARDED_PACKAGES:
             guarded_types.add(id(cls))
         try:
             stack.extend(type.__subclasses__(cls))
@@ -124,17 +126,16 @@ def _install_guards(token, on_record):
             if event == "sys._current_frames":
                 raise ValueError("frame introspection is disabled while grading")
             raise RuntimeError(f"{event} is not allowed while grading")
-        if event == "sys._getframe":                    # torch's own code may; namedtuple and enum
-            if state["inside"]:                         # cope with the ValueError
-                return
-            state["inside"] = True
-            try:
-                caller = getframe(1).f_code.co_filename
-            finally:
-                state["inside"] = False
-            if not caller.startswith(torch_dir):
-                raise ValueError("frame introspection is disabled while grading")
-            return
+        if event == "sys._getframe":                    # namedtuple and enum cope with ValueError
+            raise ValueError("frame introspection is disabled while grading")
+        if event == "import" and len(args) >= 2:
+            name, filename = args[0], args[1]
+            if name in PRISTINE_MODULES:                # a fresh copy of a module the guards patched
+                record["violations"].append(f"import of a fresh {name}")
+                raise ImportError(f"re-importing {name} is not allowed while grading")
+            if isinstance(filename, str) and not filename.startswith(allowed):
+                record["violations"].append(f"import of {filename}")
+                raise ImportError(f"importing {filename} is not allowed while grading")
         if event == "object.__setattr__" and len(args) >= 2 and id(args[0]) in guarded_types:
             record["violations"].append(f"{args[0].__name__}.{args[1]} set")
             raise RuntimeError(f"changing {args[0].__name__}.{args[1]} is not allowed while grading")
@@ -225,13 +226,6 @@ def _warm_up(enter, leave):
             leave()
 
 
-def _alarm(seconds):
-    def on_alarm(signum, frame):
-        raise TimeLimit()
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-
-
 def _plain(value):
     """Outputs as data the grader can load with torch.load(weights_only=True)."""
     import torch
@@ -250,26 +244,22 @@ def _plain(value):
     raise TypeError(f"returned a {type(value).__module__}.{type(value).__name__}")
 
 
-def call_monitored(fn, args, enter, leave, record, time_limit, watch=None):
-    """Call fn on a deep copy of args, monitored. Returns (status, value, ops, functions):
-    status "ok", "error", "timeout", "not implemented" or "tampered"."""
+def call_monitored(fn, args, enter, leave, record):
+    """Call fn on a deep copy of args, monitored (in the calling thread, no time
+    limit). Returns (status, value, ops, functions): status "ok", "error",
+    "not implemented" or "tampered"."""
     args = copy.deepcopy(args)
     record["ops"].clear()
     record["functions"].clear()
     status, value = "ok", None
     try:
-        _alarm(time_limit)
         enter()
         try:
             value = fn(*args)
         finally:
             changed = leave()
-            signal.setitimer(signal.ITIMER_REAL, 0)
         if changed:
             status, value = "tampered", f"changes {changed} (the grader's monitor)"
-    except TimeLimit:
-        leave()
-        status, value = "timeout", f"did not return within {time_limit:g} s (an endless loop?)"
     except NotImplementedError:
         status, value = "not implemented", "not implemented yet (the stub still raises NotImplementedError)"
     except RecursionError:
@@ -278,23 +268,26 @@ def call_monitored(fn, args, enter, leave, record, time_limit, watch=None):
         status, value = "error", f"raised {type(e).__name__}: {str(e)[:200]}"
     except BaseException as e:                                # SystemExit, KeyboardInterrupt
         status, value = "error", f"raised {type(e).__name__}"
-    changed = watch() if watch else []
-    if changed:
-        record["violations"].append("rebinds " + ", ".join(changed[:5]))
     return status, value, list(record["ops"]), list(record["functions"])
 
 
 def main():
+    """The worker. The main thread keeps the key and waits; every cell and every
+    graded call runs in a thread of its own, so no frame of the submission's has
+    the main thread's frames above it, and the submission cannot install signal
+    handlers (Python allows that only in the main thread), which would hand it
+    the main thread's frame."""
     raw = sys.stdin.buffer.read()
     os.close(0)
     header, _, body = raw.partition(b"\n")
     settings = json.loads(header)
     mac = hmac.new(bytes.fromhex(settings.pop("key")), digestmod=hashlib.sha256)
     result_fd = settings["result_fd"]
-    if settings.get("rlimit_mb"):                   # no cgroup: a per-process address-space limit
+    if settings.get("rlimit_mb"):                   # a per-process address-space limit too
         import resource
         limit = settings["rlimit_mb"] * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import _thread
     import torch
     torch.set_num_threads(1)
     job = torch.load(io.BytesIO(body), weights_only=True)
@@ -302,32 +295,45 @@ def main():
     token = object()
     record = {"ops": [], "functions": [], "violations": []}
     enter, leave = make_monitor(token)
-    _install_guards(token, record)
     devnull = open(os.devnull, "w")
-    real_stdout, real_stderr = sys.stdout, sys.stderr
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     # everything used after student code runs is bound here, before it runs
     call, plain, save, BytesIO, write, close, exit_now = \
         call_monitored, _plain, torch.save, io.BytesIO, os.write, os.close, os._exit
-    alarm, setitimer, ITIMER_REAL, callable_, list_ = _alarm, signal.setitimer, signal.ITIMER_REAL, callable, list
+    start_thread, new_lock, callable_, list_ = _thread.start_new_thread, _thread.allocate_lock, callable, list
+    compile_, exec_, redirect = compile, exec, contextlib_redirect(sys)
+
+    def in_thread(work, seconds):
+        """Run work() in a new thread; (True, its result) or (False, None) after `seconds`.
+        A thread that does not finish is left spinning: the sandbox's clock ends it."""
+        done, box = new_lock(), []
+        done.acquire()
+
+        def run():
+            try:
+                with redirect(devnull):
+                    box.append(work())
+            except BaseException as e:                        # os._exit aside, nothing escapes
+                box.append(("error", f"raised {type(e).__name__}", [], []))
+            finally:
+                done.release()
+        start_thread(run, ())
+        return (True, box[0]) if done.acquire(timeout=seconds) else (False, None)
+
     _warm_up(enter, leave)                     # torch's lazy imports happen now, before arming
+    _install_guards(token, record)
     watch = make_watch()
     sys.audit("gptcourse.arm", token)
     cells, tampering = [], []
     for source in job["cells"]:
-        sys.stdout = sys.stderr = devnull
-        try:
-            alarm(settings["cell_timeout"])
-            exec(compile(source, "<cell>", "exec"), namespace)
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            cells.append("ok")
-        except TimeLimit:
-            cells.append("timeout")
-        except BaseException as e:                            # like a run with errors allowed
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            setitimer(ITIMER_REAL, 0)
-            cells.append(f"error: {type(e).__name__}")
-        sys.stdout, sys.stderr = real_stdout, real_stderr
+        def run_cell(source=source):
+            try:
+                exec_(compile_(source, "<cell>", "exec"), namespace)
+                return "ok"
+            except BaseException as e:                        # like a run with errors allowed
+                return f"error: {type(e).__name__}"
+        finished, outcome = in_thread(run_cell, settings["cell_timeout"])
+        cells.append(outcome if finished else "timeout")
         tampering += watch()
     tampering += record["violations"]
     results = {}
@@ -337,16 +343,21 @@ def main():
             continue
         results[key] = []
         for args in task["inputs"]:
-            sys.stdout = sys.stderr = devnull
             record["violations"].clear()
-            status, value, ops, functions = call(fn, args, enter, leave, record, settings["call_timeout"], watch)
-            sys.stdout, sys.stderr = real_stdout, real_stderr
+            finished, outcome = in_thread(lambda: call(fn, args, enter, leave, record), settings["call_timeout"])
+            if finished:
+                status, value, ops, functions = outcome
+            else:
+                status, value, ops, functions = \
+                    "timeout", f"did not return within {settings['call_timeout']:g} s (an endless loop?)", [], []
+            changed = watch()
+            violations = list_(record["violations"]) + (["rebinds " + ", ".join(changed[:5])] if changed else [])
             if status == "ok":
                 try:
                     value = plain(value)
                 except Exception as e:
                     status, value = "error", str(e)[:200]
-            results[key].append([status, value, ops, functions, list_(record["violations"])])
+            results[key].append([status, value, ops, functions, violations])
             if status in ("timeout", "tampered"):
                 break
     tampering += watch()
@@ -360,6 +371,18 @@ def main():
         view = view[write(result_fd, view):]
     close(result_fd)
     exit_now(0)                                               # no atexit handler of the submission runs
+
+
+def contextlib_redirect(sys_module):
+    """A context manager factory sending a thread's prints to a file: sys.stdout
+    and sys.stderr are process-wide, so they are set once for the whole run."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def redirect(target):
+        sys_module.stdout = sys_module.stderr = target
+        yield
+    return redirect
 
 
 if __name__ == "__main__":

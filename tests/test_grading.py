@@ -163,6 +163,28 @@ def top_p_off_by_one(logits, p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+# mistakes the adversarial review found without a hint
+
+def sdpa_zero_not_inf(q,k,v,mask=None):
+    s = q @ k.transpose(-2,-1) / math.sqrt(q.shape[-1])
+    if mask is not None: s = s.masked_fill(mask == 0, 0)
+    w = torch.softmax(s, -1); return w @ v, w
+def pe_halves(n, d, base=10000):
+    P = torch.zeros(n, d)
+    for k in range(n):
+        for i in range(d // 2):
+            P[k, i] = math.sin(k / base ** (2 * i / d)); P[k, d // 2 + i] = math.cos(k / base ** (2 * i / d))
+    return P
+def count_no_final_ln(L, d, V, block):
+    return V * d + block * d + L * (12 * d * d + 13 * d)
+def topk_neg(logits, k):
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, -1e9)
+def topp_sorted(logits, p):
+    sl, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sl, -1); keep = torch.cumsum(probs, -1) - probs < p
+    return torch.where(keep, sl, torch.tensor(float('-inf')))
+
 WRONG = [
     # (exercise, submission, exact points, a words of the hint it must earn)
     ("additive_scores", lambda s, h, W, U, v: ((s @ W.T)[:, None] + h @ U.T) @ v, 0, "tanh"),
@@ -195,6 +217,11 @@ WRONG = [
     ("top_k", top_k_drops_kth, 0, "the k-th largest itself"),
     ("top_p", top_p_off_by_one, None, "cumulative probability cross p"),       # None: see the test
     ("kv_cache", lambda ck, cv, kn, vn: (torch.cat([kn, ck], -2), torch.cat([vn, cv], -2)), 0, "AFTER"),
+    ("sdpa", sdpa_zero_not_inf, 3, "not 0"),
+    ("positional", pe_halves, 0, "Interleave sine and cosine"),
+    ("count_params", count_no_final_ln, 0, "final LayerNorm"),
+    ("top_k", topk_neg, 1, "not a large negative number"),
+    ("top_p", topp_sorted, 0, "original token order"),
 ]
 
 
@@ -445,6 +472,18 @@ def attack_submissions(subs):
             f"for p in [{str(subs)!r} + '/alice_solution.ipynb', {str(subs.parent)!r} + '/out/grades.csv', "
             f"{str(ROOT / 'gptcourse' / 'exercises.py')!r}]:\n"
             "    try:\n        open(p, 'w').write('owned')\n    except OSError:\n        pass\n"), 8, 3, "graded"),
+        "grace_fresh_thread_module": (notebook(
+            "import sys\ndel sys.modules['_thread']\nimport _thread\n_thread.start_new_thread(print, ())\n"),
+            0, 0, "tampered"),
+        "grace_own_extension": (notebook(
+            "import importlib.util, math, shutil\nshutil.copy(math.__file__, '/tmp/m.so')\n"
+            "spec = importlib.util.spec_from_file_location('math', '/tmp/m.so')\n"
+            "importlib.util.module_from_spec(spec)\n"), 0, 0, "tampered"),
+        "grace_gc_walk": (notebook("import gc\nframes = [o for o in gc.get_objects() if type(o).__name__ == 'frame']\n"),
+                          0, 0, "tampered"),
+        "grace_signal_frame": (notebook(                   # refused by Python outside the main thread
+            "import signal\nsignal.signal(signal.SIGALRM, lambda s, f: f.f_back)\n"
+            "signal.setitimer(signal.ITIMER_REAL, 0.01)\n"), 8, 3, "graded"),
         # robustness
         "heidi_endless_cell": (notebook("while True:\n    pass\n"), 8, 3, "graded"),
         "ivan_endless_function": (replace_sdpa(
@@ -458,8 +497,13 @@ def attack_submissions(subs):
         "leo_deletes_files": (notebook(
             f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n"), 8, 3, "graded"),
         "mallory_exits": (notebook("import os\nos._exit(3)\n"), 0, 0, "exit code 3"),
-        "nancy_hangs": (notebook("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-                                 "while True:\n    pass\n"), 0, 0, "time limit"),
+        # an endless cell only loses that cell (each cell runs in its own thread with its own clock)...
+        "nancy_endless_cell_ignoring_alarms": (notebook(
+            "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"),
+            8, 3, "graded"),
+        # ...but one that holds the interpreter (a C loop that never lets go of the GIL) meets the
+        # whole notebook's wall clock, which kills the sandbox
+        "nancy_holds_the_interpreter": (notebook("x = 10 ** (10 ** 10)\n"), 0, 0, "time limit"),
         "oscar_floods_output": (notebook("import sys, os\nfor _ in range(2000):\n"
                                          "    os.write(2, b'x' * 1024 * 1024)\n"), 8, 3, "graded"),
     }
@@ -477,7 +521,7 @@ def test_batch_grading_against_attacks(tmp_path):
     out = tmp_path / "out" / "grades.csv"
     result = subprocess.run(
         [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
-         "--notebook", "03_scaled_dot_product_attention", "--timeout", "20", "--cell-timeout", "3",
+         "--notebook", "03_scaled_dot_product_attention", "--timeout", "15", "--cell-timeout", "3",
          "--call-timeout", "2", "--jobs", "2", "--memory-mb", "2048"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
