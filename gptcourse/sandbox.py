@@ -234,7 +234,7 @@ def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, 
     timed_out, oom, stderr=last bytes, limits="cgroup"|"rlimit"|"none")."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    folders = make_cgroups(memory_mb, max_tasks) if (memory_mb and sandbox) else []
+    folders = make_cgroups(memory_mb, max_tasks) if memory_mb else []
     result_r, result_w = os.pipe()
     job = job.replace(b'"result_fd": -1', f'"result_fd": {result_w}'.encode(), 1)
     if sandbox:

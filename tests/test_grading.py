@@ -494,6 +494,10 @@ def attack_submissions(subs):
             0, 3, "graded"),
         "judy_import_error": (notebook("import a_module_that_does_not_exist\n"), 8, 3, "graded"),
         "ken_memory_hog": (notebook("hog = b'1' * (6 * 1024 ** 3)\n"), 8, 3, "graded"),
+        # killed by the cgroup's OOM killer (or, on a loaded machine, by the clock first)
+        "ken_memory_hog_whole_tree": (notebook("chunks = [b'1' * (100 << 20) for _ in range(25)]\n"),
+                                      0, 0, ("memory limit", "time limit")),
+        "ken_fork_bomb": (notebook("import os\nwhile True:\n    os.fork()\n"), 0, 0, "tampered"),
         "leo_deletes_files": (notebook(
             f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n"), 8, 3, "graded"),
         "mallory_exits": (notebook("import os\nos._exit(3)\n"), 0, 0, "exit code 3"),
@@ -503,7 +507,7 @@ def attack_submissions(subs):
             8, 3, "graded"),
         # ...but one that holds the interpreter (a C loop that never lets go of the GIL) meets the
         # whole notebook's wall clock, which kills the sandbox
-        "nancy_holds_the_interpreter": (notebook("x = 10 ** (10 ** 10)\n"), 0, 0, "time limit"),
+        "nancy_holds_the_interpreter": (notebook("x = 10 ** (10 ** 8)\n"), 0, 0, "time limit"),
         "oscar_floods_output": (notebook("import sys, os\nfor _ in range(2000):\n"
                                          "    os.write(2, b'x' * 1024 * 1024)\n"), 8, 3, "graded"),
     }
@@ -532,7 +536,9 @@ def test_batch_grading_against_attacks(tmp_path):
     wrong = []
     for name, (_, sdpa, causal, status) in cases.items():
         row = rows[name]
-        if (int(row["sdpa"]), int(row["causal_mask"])) != (sdpa, causal) or status not in row["status"]:
+        statuses = status if isinstance(status, tuple) else (status,)
+        if (int(row["sdpa"]), int(row["causal_mask"])) != (sdpa, causal) or \
+                not any(st in row["status"] for st in statuses):
             wrong.append((name, row["sdpa"], row["causal_mask"], row["status"]))
         assert row["sandbox"] == "bubblewrap" and row["possible"] == "11"
     assert not wrong, wrong
