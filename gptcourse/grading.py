@@ -278,7 +278,10 @@ def evaluate(exercise, outcomes, inputs):
     for case, args, (status, value) in zip(exercise.cases, inputs, outcomes):
         if status == "ok":
             expected = exercise.reference(*args)
-            reason = compare(value, expected)
+            try:                                   # an output of any form is a failed test, never a crash
+                reason = compare(value, expected)
+            except Exception as e:
+                reason = f"the output could not be compared with the expected one ({type(e).__name__})"
         else:
             reason = value
         passed = reason is None

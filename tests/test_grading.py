@@ -494,9 +494,6 @@ def attack_submissions(subs):
             0, 3, "graded"),
         "judy_import_error": (notebook("import a_module_that_does_not_exist\n"), 8, 3, "graded"),
         "ken_memory_hog": (notebook("hog = b'1' * (6 * 1024 ** 3)\n"), 8, 3, "graded"),
-        # killed by the cgroup's OOM killer (or, on a loaded machine, by the clock first)
-        "ken_memory_hog_whole_tree": (notebook("chunks = [b'1' * (100 << 20) for _ in range(25)]\n"),
-                                      0, 0, ("memory limit", "time limit")),
         "ken_fork_bomb": (notebook("import os\nwhile True:\n    os.fork()\n"), 0, 0, "tampered"),
         "leo_deletes_files": (notebook(
             f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n"), 8, 3, "graded"),
@@ -505,33 +502,27 @@ def attack_submissions(subs):
         "nancy_endless_cell_ignoring_alarms": (notebook(
             "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"),
             8, 3, "graded"),
-        # ...but one that holds the interpreter (a C loop that never lets go of the GIL) meets the
-        # whole notebook's wall clock, which kills the sandbox
-        "nancy_holds_the_interpreter": (notebook("x = 10 ** (10 ** 8)\n"), 0, 0, "time limit"),
         "oscar_floods_output": (notebook("import sys, os\nfor _ in range(2000):\n"
                                          "    os.write(2, b'x' * 1024 * 1024)\n"), 8, 3, "graded"),
     }
 
 
-def test_batch_grading_against_attacks(tmp_path):
-    """Every attack in one grading run: the cheats earn zero, honest code (however
-    written) full marks, and the CSV holds every student, sandboxed."""
+def grade_batch(tmp_path, cases, timeout):
+    """Grade the cases in one run of the command line; the CSV's rows by student and the output folder."""
     subs = tmp_path / "submissions"
-    subs.mkdir()
-    cases = attack_submissions(subs)
     for name, (text, *_rest) in cases.items():
         (subs / f"{name}.ipynb").write_text(text)
-    (subs / "zoe_folder.ipynb").mkdir()                     # a folder whose name ends in .ipynb
     out = tmp_path / "out" / "grades.csv"
     result = subprocess.run(
         [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
-         "--notebook", "03_scaled_dot_product_attention", "--timeout", "15", "--cell-timeout", "3",
+         "--notebook", "03_scaled_dot_product_attention", "--timeout", str(timeout), "--cell-timeout", "3",
          "--call-timeout", "2", "--jobs", "2", "--memory-mb", "2048"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r["student"]: r for r in csv.DictReader(out.open())}
-    assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status",
-                                               "sandbox"]
+    return {r["student"]: r for r in csv.DictReader(out.open())}, out
+
+
+def assert_grades(rows, cases):
     assert set(rows) == set(cases)
     wrong = []
     for name, (_, sdpa, causal, status) in cases.items():
@@ -542,6 +533,35 @@ def test_batch_grading_against_attacks(tmp_path):
             wrong.append((name, row["sdpa"], row["causal_mask"], row["status"]))
         assert row["sandbox"] == "bubblewrap" and row["possible"] == "11"
     assert not wrong, wrong
+
+
+def test_batch_grading_against_whole_notebook_limits(tmp_path):
+    """The limits that end a whole sandbox: the wall clock and the memory of the tree.
+    The honest student graded in the same run keeps full marks."""
+    (tmp_path / "submissions").mkdir()
+    cases = {
+        "alice_solution": (json.dumps(SOLVED), 8, 3, "graded"),
+        # a C loop that never lets go of the interpreter meets the notebook's wall clock
+        "nancy_holds_the_interpreter": (notebook("x = 10 ** (10 ** 8)\n"), 0, 0, "time limit"),
+        # killed by the cgroup's OOM killer (or, on a loaded machine, by the clock first)
+        "ken_memory_hog_whole_tree": (notebook("chunks = [b'1' * (100 << 20) for _ in range(25)]\n"),
+                                      0, 0, ("memory limit", "time limit")),
+    }
+    rows, _ = grade_batch(tmp_path, cases, timeout=30)
+    assert_grades(rows, cases)
+
+
+def test_batch_grading_against_attacks(tmp_path):
+    """Every attack in one grading run: the cheats earn zero, honest code (however
+    written) full marks, and the CSV holds every student, sandboxed."""
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    cases = attack_submissions(subs)
+    (subs / "zoe_folder.ipynb").mkdir()                     # a folder whose name ends in .ipynb
+    rows, out = grade_batch(tmp_path, cases, timeout=90)
+    assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status",
+                                               "sandbox"]
+    assert_grades(rows, cases)
     report = {r["student"]: r for r in json.loads(out.with_suffix(".json").read_text())}
     assert any("sqrt(d_k)" in h for h in report["dave_no_scale"]["exercises"]["sdpa"]["hints"])
     for name in ("eve_torch_function", "eve_aten_op", "eve_partial_map"):
@@ -649,3 +669,11 @@ def test_forbidden_by_executed_operators_in_check():
                lambda x, g, b, eps=1e-5: F.group_norm(x.reshape(-1, x.shape[-1]), 1, g, b, eps).reshape(x.shape)):
         result = grade("layer_norm", fn, seed=1)
         assert result["points"] == 0 and "norm" in result["tests"][0]["message"]
+
+
+def test_odd_outputs_fail_the_test_without_crashing_the_grader():
+    right = SOLUTIONS["scaled_dot_product_attention"]
+    for odd in (lambda o, w: (o.to_sparse(), w), lambda o, w: (o.to(torch.complex64), w),
+                lambda o, w: (o, w.numpy()), lambda o, w: {"out": o}):
+        result = grade("sdpa", lambda q, k, v, mask=None, odd=odd: odd(*right(q, k, v, mask)), seed=2)
+        assert result["points"] == 0
