@@ -235,6 +235,13 @@ def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, 
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     folders = make_cgroups(memory_mb, max_tasks) if memory_mb else []
+    try:
+        return _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, folders)
+    finally:
+        remove_cgroups(folders)                  # whatever happened, nothing of it keeps running
+
+
+def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, folders):
     result_r, result_w = os.pipe()
     job = job.replace(b'"result_fd": -1', f'"result_fd": {result_w}'.encode(), 1)
     if sandbox:
@@ -251,9 +258,11 @@ def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, 
     # cell instead of the cgroup's OOM killer ending the whole notebook (virtual size: slack)
     job = job.replace(b'"rlimit_mb": 0', f'"rlimit_mb": {memory_mb + 2048 if memory_mb else 0}'.encode(), 1)
     cwd = stub_dir if not sandbox else "/"
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            pass_fds=(result_w,), env=env, cwd=cwd, start_new_session=True)
-    os.close(result_w)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(result_w,), env=env, cwd=cwd, start_new_session=True)
+    finally:
+        os.close(result_w)
     outputs = {"stdout": {}, "stderr": {}, "result": {}}
     readers = [threading.Thread(target=_drain, args=(proc.stdout.fileno(), OUTPUT_KEEP, 0, outputs["stdout"])),
                threading.Thread(target=_drain, args=(proc.stderr.fileno(), OUTPUT_KEEP, 0, outputs["stderr"])),
@@ -268,17 +277,15 @@ def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, 
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-    # whatever happened, nothing of this submission keeps running
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
+        try:                                     # bwrap's group; its PID namespace dies with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
     kill_cgroups(folders)
     proc.wait()
     for t in readers:
         t.join(timeout=5)
     oom = oom_killed(folders)
-    remove_cgroups(folders)
     for stream in (proc.stdout, proc.stderr):
         stream.close()
     os.close(result_r)
