@@ -536,7 +536,8 @@ def _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout
             else:
                 report["status"] = f"results rejected: {str(e)[:160]}"
         else:
-            tampering = [str(t) for t in raw.get("tampering") or []]
+            tampering = [str(t)[:200] for t in list(raw.get("tampering") or [])[:50]]
+            report["tampering"] = tampering
             if tampering:
                 report["status"] = f"tampered with the grader ({', '.join(tampering[:3])[:160]}): no points"
         report["limits"] = run["limits"]

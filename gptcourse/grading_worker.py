@@ -12,18 +12,26 @@ function to call and the inputs the grader chose (from a secret seed).
 
 What it does, in this order:
   1. reads the whole job from stdin, then closes stdin;
-  2. installs an audit hook (`sys.addaudithook`: it cannot be removed) that
-     refuses new processes, signals to other processes, ctypes, the garbage
-     collector's object lists, frame introspection, and sys.setprofile /
-     sys.settrace; threads are refused by replacing `_thread.start_new_thread`
-     (and, under the grader's cgroup, by the kernel's process-count limit);
-  3. runs the notebook's code cells (each with a time limit, output thrown
-     away, errors ignored as in a notebook run with errors allowed);
-  4. calls each exercise's function on a deep copy of each input, under a time
-     limit, with a TorchFunctionMode and a TorchDispatchMode that record the
-     torch functions and the ATen operators actually executed;
+  2. warms the monitor up (torch imports modules the first time a mode
+     handles an operator), then installs an audit hook (`sys.addaudithook`:
+     it cannot be removed) that refuses new processes, signals to other
+     processes, ctypes, the garbage collector's object lists, frame
+     introspection, sys.setprofile / sys.settrace, imports of files the
+     submission wrote and fresh copies of patched modules, and changes to the
+     classes of torch and of the modules used here; threads are refused by
+     replacing `_thread.start_new_thread` (and, under the grader's cgroup, by
+     the kernel's process-count limit);
+  3. runs the notebook's code cells, each in a thread of its own with its own
+     clock (output thrown away, errors ignored as in a notebook run with
+     errors allowed); the main thread, which holds the key, only waits;
+  4. calls each exercise's function, again in a thread of its own with a
+     time limit, on a deep copy of each input, with a TorchFunctionMode and a
+     TorchDispatchMode that record the torch functions and the ATen
+     operators actually executed; names the submission rebound in the
+     watched modules are put back and reported after every cell and call;
   5. writes, to the result descriptor, an HMAC of the payload and the payload
-     (torch.save of plain data: statuses, outputs, recorded operators).
+     (torch.save of plain data: statuses, outputs, recorded operators,
+     violations).
 
 It never decides a grade: the grader compares the outputs with the reference
 and judges the recorded operators itself. A submission that writes to the

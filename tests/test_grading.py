@@ -408,6 +408,11 @@ def cheat(call):
                         + CHEAT_WEIGHTS + f"    out = {call}\n    return out, w\n")
 
 
+# what the report of grace_tampers must list, one per attack cell
+TAMPERING_SEEN = ("__main__.call_monitored", "torch.save", "traceback.tb_frame", "os.kill", "ctypes.dlopen",
+                  "subprocess.Popen", "os.fork", "import of a fresh _thread", "import of /tmp/m.so", "gc.get_objects")
+
+
 def attack_submissions(subs):
     """name -> (notebook text, sdpa points, causal_mask points, words of the status)."""
     wrong_scale = ("def scaled_dot_product_attention(q, k, v, mask=None):\n"
@@ -452,58 +457,45 @@ def attack_submissions(subs):
             "import gptcourse.grading as g\n"
             "g.evaluate = lambda ex, outcomes, inputs: dict(points=99, possible=99, tests=[], hints=[])\n"
             "g.compare = lambda *a, **k: None\nprint('PASS 11/11 points')\n", base=STUB), 0, 0, "graded"),
-        "grace_patches_worker": (notebook(
-            "import __main__, torch\n__main__.call_monitored = lambda *a, **k: ('ok', None, [], [])\n"
-            "torch.save = lambda *a, **k: None\n"), 0, 0, "tampered"),
         "grace_forges_results": (notebook(
             "import os, torch, io\nb = io.BytesIO()\ntorch.save({'cells': [], 'exercises': {}}, b)\n"
             "for fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64 + b'\\n' + b.getvalue())\n"
             "    except OSError:\n        pass\nos._exit(0)\n"), 0, 0, "results rejected"),
-        "grace_steals_key": (notebook(
-            "import sys\ntry:\n    raise ValueError\nexcept ValueError as e:\n    f = e.__traceback__.tb_frame.f_back\n"
-            "    KEY = f.f_locals\n"), 0, 0, "tampered"),
-        "grace_kills_grader": (notebook(
-            "import os, signal, ctypes\nfor p in (os.getppid(), 1):\n    try:\n        os.kill(p, 9)\n"
-            "    except Exception:\n        pass\nctypes.CDLL(None).kill(0, 9)\n"), 0, 0, "tampered"),
-        "grace_detached_child": (notebook(
-            "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000'], start_new_session=True)\n"),
-            0, 0, "tampered"),
-        "grace_writes_outside": (notebook(
+        # every way to reach the grader's state or the host, one per cell (each cell's error
+        # is ignored, so all of them run); the report lists what each one tripped: TAMPERING_SEEN
+        "grace_tampers": (notebook(
+            "import __main__, torch\n__main__.call_monitored = lambda *a, **k: ('ok', None, [], [])\n"
+            "torch.save = lambda *a, **k: None\n",
+            "try:\n    raise ValueError\nexcept ValueError as e:\n    KEY = e.__traceback__.tb_frame.f_back.f_locals\n",
+            "import os\nos.kill(os.getppid(), 9)\n",
+            "import ctypes\nctypes.CDLL(None).kill(0, 9)\n",
+            "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000'], start_new_session=True)\n",
+            "import os\nwhile True:\n    os.fork()\n",
+            "import sys\ndel sys.modules['_thread']\nimport _thread\n_thread.start_new_thread(print, ())\n",
+            "import importlib.util, math, shutil\nshutil.copy(math.__file__, '/tmp/m.so')\n"
+            "importlib.util.module_from_spec(importlib.util.spec_from_file_location('math', '/tmp/m.so'))\n",
+            "import gc\nframes = [o for o in gc.get_objects() if type(o).__name__ == 'frame']\n"), 0, 0, "tampered"),
+        # hostile but not cheating, one per cell: each fails or is contained, and the honest
+        # functions defined before keep full marks
+        "heidi_hostile_but_honest": (notebook(
             f"for p in [{str(subs)!r} + '/alice_solution.ipynb', {str(subs.parent)!r} + '/out/grades.csv', "
             f"{str(ROOT / 'gptcourse' / 'exercises.py')!r}]:\n"
-            "    try:\n        open(p, 'w').write('owned')\n    except OSError:\n        pass\n"), 8, 3, "graded"),
-        "grace_fresh_thread_module": (notebook(
-            "import sys\ndel sys.modules['_thread']\nimport _thread\n_thread.start_new_thread(print, ())\n"),
-            0, 0, "tampered"),
-        "grace_own_extension": (notebook(
-            "import importlib.util, math, shutil\nshutil.copy(math.__file__, '/tmp/m.so')\n"
-            "spec = importlib.util.spec_from_file_location('math', '/tmp/m.so')\n"
-            "importlib.util.module_from_spec(spec)\n"), 0, 0, "tampered"),
-        "grace_gc_walk": (notebook("import gc\nframes = [o for o in gc.get_objects() if type(o).__name__ == 'frame']\n"),
-                          0, 0, "tampered"),
-        "grace_signal_frame": (notebook(                   # refused by Python outside the main thread
-            "import signal\nsignal.signal(signal.SIGALRM, lambda s, f: f.f_back)\n"
-            "signal.setitimer(signal.ITIMER_REAL, 0.01)\n"), 8, 3, "graded"),
-        # robustness
-        "heidi_endless_cell": (notebook("while True:\n    pass\n"), 8, 3, "graded"),
+            "    try:\n        open(p, 'w').write('owned')\n    except OSError:\n        pass\n",
+            f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n",
+            "import signal\nsignal.signal(signal.SIGALRM, lambda s, f: f.f_back)\n",   # not outside the main thread
+            "import a_module_that_does_not_exist\n",
+            "hog = b'1' * (6 * 1024 ** 3)\n",                                           # the process's own limit
+            "import os\nfor _ in range(2000):\n    os.write(2, b'x' * 1024 * 1024)\n",  # 2 GB to stderr
+            "while True:\n    pass\n",                                                 # that cell's clock
+            "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"),
+            8, 3, "graded"),
         "ivan_endless_function": (replace_sdpa(
             "def scaled_dot_product_attention(q, k, v, mask=None):\n    while True:\n        pass\n"),
             0, 3, "graded"),
         "ivan_sparse_output": (replace_sdpa(
             "def scaled_dot_product_attention(q, k, v, mask=None):\n    return q.to_sparse(), object()\n"),
             0, 3, "graded"),
-        "judy_import_error": (notebook("import a_module_that_does_not_exist\n"), 8, 3, "graded"),
-        "ken_memory_hog": (notebook("hog = b'1' * (6 * 1024 ** 3)\n"), 8, 3, "graded"),
-        "ken_fork_bomb": (notebook("import os\nwhile True:\n    os.fork()\n"), 0, 0, "tampered"),
-        "leo_deletes_files": (notebook(
-            f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n"), 8, 3, "graded"),
         "mallory_exits": (notebook("import os\nos._exit(3)\n"), 0, 0, "exit code 3"),
-        # an endless cell only loses that cell (each cell runs in its own thread with its own clock)...
-        "nancy_endless_cell_ignoring_alarms": (notebook(
-            "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"),
-            8, 3, "graded"),
-        "oscar_floods_output": (notebook("import sys, os\nfor _ in range(2000):\n"
-                                         "    os.write(2, b'x' * 1024 * 1024)\n"), 8, 3, "graded"),
     }
 
 
@@ -567,6 +559,9 @@ def test_batch_grading_against_attacks(tmp_path):
     for name in ("eve_torch_function", "eve_aten_op", "eve_partial_map"):
         assert "scaled_dot_product_attention" in report[name]["exercises"]["sdpa"]["tests"][0]["message"], name
     assert "did not return within 2 s" in report["ivan_endless_function"]["exercises"]["sdpa"]["tests"][0]["message"]
+    tampering = " | ".join(report["grace_tampers"]["tampering"])
+    missing = [seen for seen in TAMPERING_SEEN if seen not in tampering]
+    assert not missing, (missing, tampering)
     assert sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.json"]   # no temp files left
     assert (ROOT / "gptcourse" / "exercises.py").read_text() != "owned"
     leftovers = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True).stdout
