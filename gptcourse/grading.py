@@ -587,7 +587,7 @@ def grade_folder(folder, out_csv, out_json=None, timeout_s=300, memory_mb=3072, 
         raise ValueError(f"not a folder of submissions: {folder!r}")
     EXERCISES = selected_exercises(notebook)
     if sandbox:
-        sb.find_bwrap()
+        sb.check_bwrap()
     paths = sorted(p for p in os.listdir(folder)
                    if p.endswith(".ipynb") and os.path.isfile(os.path.join(folder, p)))
     # read everything first: a submission that deletes files cannot reach the others

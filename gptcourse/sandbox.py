@@ -58,6 +58,29 @@ def find_bwrap():
     return path
 
 
+def check_bwrap():
+    """Raise SandboxUnavailable unless bubblewrap is installed AND can create its
+    namespaces here (a kernel or a container may forbid user namespaces)."""
+    bwrap = find_bwrap()
+    cmd = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
+           "--new-session", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
+    for link in ("/bin", "/lib", "/lib64"):
+        if os.path.islink(link):
+            cmd += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            cmd += ["--ro-bind", link, link]
+    try:
+        run = subprocess.run(cmd + ["true"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SandboxUnavailable(f"bubblewrap could not be started: {e}") from e
+    if run.returncode != 0:
+        raise SandboxUnavailable(
+            f"bubblewrap is installed but cannot create its sandbox here ({run.stderr.strip()[:300]}); "
+            "grade on a machine that allows user namespaces, or, only for code you trust, pass "
+            "--unsafe-no-sandbox")
+    return bwrap
+
+
 def _own_cgroup(controller):
     """The folder of this process's cgroup for a v1 controller, or None."""
     try:

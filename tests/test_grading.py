@@ -582,6 +582,14 @@ def test_no_bubblewrap_refuses_unless_unsafe(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "g.csv").exists()
     with pytest.raises(sandbox.SandboxUnavailable):
         grading.grade_folder(str(subs), str(tmp_path / "g.csv"), notebook="03_scaled_dot_product_attention")
+    # installed, but the kernel refuses its namespaces: refused as clearly, before grading anything
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: str(fake) if name == "bwrap" else real_which(name))
+    with pytest.raises(sandbox.SandboxUnavailable, match="cannot create its sandbox here.*No permissions"):
+        grading.grade_folder(str(subs), str(tmp_path / "g.csv"), notebook="03_scaled_dot_product_attention")
+    assert not (tmp_path / "g.csv").exists()
     reports = grading.grade_folder(str(subs), str(tmp_path / "g.csv"), notebook="03_scaled_dot_product_attention",
                                    sandbox=False, progress=False, timeout_s=60)
     assert reports[0]["exercises"]["sdpa"]["points"] == 8
