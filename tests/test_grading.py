@@ -680,3 +680,47 @@ def test_odd_outputs_fail_the_test_without_crashing_the_grader():
                 lambda o, w: (o, w.numpy()), lambda o, w: {"out": o}):
         result = grade("sdpa", lambda q, k, v, mask=None, odd=odd: odd(*right(q, k, v, mask)), seed=2)
         assert result["points"] == 0
+
+
+# --- the sandbox's own limits, below the worker's audit hook ------------------------
+# A stand-in worker that does what the hook would refuse, to show the kernel-level
+# limits hold by themselves: the PID namespace, the cgroups, the wall clock, the cap.
+
+def run_raw_worker(tmp_path, body, timeout_s=4, memory_mb=1000, max_tasks=16):
+    import time
+    from gptcourse import sandbox
+    stub = tmp_path / f"stub{len(list(tmp_path.iterdir()))}"
+    stub.mkdir()
+    (stub / "grading_worker.py").write_text("import os, sys, subprocess, time\nsys.stdin.read()\n" + body)
+    stub.chmod(0o755)
+    start = time.perf_counter()
+    run = sandbox.run_worker(str(stub), b'{"result_fd": -1, "rlimit_mb": 0}\n', timeout_s, memory_mb,
+                             max_tasks=max_tasks)
+    return run, time.perf_counter() - start
+
+
+def leftover(pattern):
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.strip()
+
+
+def test_sandbox_limits_hold_without_the_audit_hook(tmp_path):
+    # a detached grandchild holding stderr open: the run still ends on time, and it dies
+    run, seconds = run_raw_worker(tmp_path, "subprocess.Popen(['setsid', 'sh', '-c', 'sleep 1001'])\n"
+                                            "time.sleep(1000)\n", timeout_s=3)
+    assert run["timed_out"] and seconds < 15 and not leftover("sleep 1001")
+    # the worker exits at once, its grandchild would live on: the PID namespace ends it
+    run, seconds = run_raw_worker(tmp_path, "subprocess.Popen(['setsid', 'sh', '-c', 'sleep 1002'])\n")
+    assert not run["timed_out"] and seconds < 15 and not leftover("sleep 1002")
+    # four forked children of 400 MB each: one memory limit for the whole tree
+    run, _ = run_raw_worker(tmp_path, "for _ in range(4):\n    if os.fork() == 0:\n"
+                                      "        x = b'1' * (400 << 20)\n        time.sleep(1000)\n"
+                                      "time.sleep(1000)\n", timeout_s=8)
+    assert run["oom"]
+    # a fork bomb meets pids.max, and nothing of it is left
+    run, _ = run_raw_worker(tmp_path, "n = 0\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+                                      "        print('refused after', n, flush=True)\n        time.sleep(1000)\n"
+                                      "    n += 1\n", timeout_s=4, max_tasks=12)
+    assert run["timed_out"] and not leftover("grading_worker.py")
+    # 300 MB of output: the grader keeps the last 64 KB
+    run, _ = run_raw_worker(tmp_path, "for _ in range(300):\n    os.write(2, b'x' * (1 << 20))\n", timeout_s=30)
+    assert len(run["stderr"]) == 64 * 1024 and not run["timed_out"]
