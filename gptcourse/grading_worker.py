@@ -92,7 +92,7 @@ def make_watch():
     return check
 
 
-def _install_guards(token, on_record):
+def _install_guards(token, on_record, admin=None):
     """The audit hook (permanent) and the thread block. Returns nothing the
     submission can use: the hook's state lives only in its closure.
 
@@ -123,6 +123,28 @@ def _install_guards(token, on_record):
             if len(args) == 3 and args[0] is token:
                 record[args[1]].append(args[2])
             return
+        if event == "sys._getframe" and state.get("inside"):   # the hook's own look at its caller
+            return
+        if event == "gptcourse.door":                   # (name, args, kwargs, box) from a door wrapper
+            if len(args) != 4 or args[0] not in door_classes or not isinstance(args[3], list):
+                return
+            state["inside"] = True
+            try:
+                caller = getframe(2)                    # 0: this hook, 1: the wrapper, 2: who called it
+            finally:
+                state["inside"] = False
+            if not _from_torch(caller) and state["armed"]:
+                record["violations"].append(f"uses torch._C.{args[0]}")
+                raise RuntimeError(f"torch._C.{args[0]} is not allowed while grading")
+            args[3].append(door_classes[args[0]](*args[1], **args[2]))
+            return
+        if event == "gptcourse.allow_profile":          # the worker's own next sys.setprofile
+            if len(args) == 1 and args[0] is admin and admin is not None:
+                state["profile"] = state.get("profile", 0) + 1
+            return
+        if event == "sys.setprofile" and state.get("profile", 0) > 0:
+            state["profile"] -= 1
+            return
         if event == "gptcourse.arm":                    # the worker, once its own set-up is done
             if len(args) == 1 and args[0] is token:
                 state["armed"] = True
@@ -151,6 +173,8 @@ def _install_guards(token, on_record):
             record["violations"].append(f"{type(args[0]).__name__}.{args[1]}")
             raise AttributeError(f"{args[1]} is not available while grading")
 
+    getframe = sys._getframe
+    door_classes = _wrap_doors()
     sys.addaudithook(hook)
 
     def no_threads(*args, **kwargs):
@@ -214,6 +238,98 @@ def make_monitor(token, sink=None):
     return enter, leave
 
 
+DOOR_CLASS_PARTS = ("DisableTorch", "ExcludeDispatchKey", "ForceDispatchKey", "SetExcludeDispatchKey")
+
+
+def _from_torch(frame):
+    """True when the frame runs code of a torch module (its globals are the module's)."""
+    if frame is None:
+        return False
+    g = frame.f_globals
+    name = g.get("__name__", "")
+    module = sys.modules.get(name) if isinstance(name, str) and name.startswith("torch") else None
+    return module is not None and module.__dict__ is g
+
+
+def _door(name):
+    """A stand-in for the torch._C class `name` that switches the Python dispatch key or
+    torch-function handling off: it asks the audit hook, which holds the real class
+    and hands an instance back only to torch's own code."""
+    def door(*args, **kwargs):
+        box = []
+        sys.audit("gptcourse.door", name, args, kwargs, box)
+        return box[0]
+    door.__name__ = door.__qualname__ = name
+    return door
+
+
+def _wrap_doors():
+    """Replace, in torch._C and every loaded torch module, the classes that switch the
+    monitor's modes off by _door stand-ins; returns {name: real class} (for the hook)."""
+    import torch
+    classes = {name: getattr(torch._C, name) for name in dir(torch._C)
+               if any(part in name for part in DOOR_CLASS_PARTS) and isinstance(getattr(torch._C, name), type)}
+    by_id = {id(cls): name for name, cls in classes.items()}
+    doors = {name: _door(name) for name in classes}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "torch" or module_name.startswith("torch.")):
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attr, value in list(namespace.items()):
+            if id(value) in by_id:
+                namespace[attr] = doors[by_id[id(value)]]
+    return classes
+
+
+def make_door_watch(token):
+    """A profile function for the thread that runs a graded call: it reports (as a
+    violation) every call of torch's mode-stack functions made from code that is
+    not torch's own, the doors that pop the monitor's modes and push them back
+    around a forbidden call. (Torch calls them itself when a mode handles an
+    operator: a caller whose globals are a torch module's is torch.)"""
+    import torch
+    import torch._ops
+    import torch.overrides
+    import torch.utils._python_dispatch as python_dispatch
+    audit, modules = sys.audit, sys.modules
+    doors = {}
+    for name in dir(torch._C):
+        low = name.lower()
+        if any(part in low for part in ("dispatch_stack", "function_stack", "dispatch_mode", "torch_function_mode",
+                                        "dispatch_tls", "dispatch_call", "redispatch", "_dispatch_key")):
+            obj = getattr(torch._C, name)
+            if type(obj).__name__ == "builtin_function_or_method":
+                doors[id(obj)] = f"torch._C.{name}"
+    helpers = {}
+    for module in (torch.overrides, python_dispatch):
+        for name, obj in vars(module).items():
+            code = getattr(obj, "__code__", None)
+            if code is not None and "mode" in name.lower():
+                helpers[code] = f"{module.__name__}.{name}"
+    for name in ("redispatch", "decompose"):
+        for cls in (torch._ops.OpOverload,):
+            fn = cls.__dict__.get(name)
+            if fn is not None and hasattr(fn, "__code__"):
+                helpers[fn.__code__] = f"torch._ops.OpOverload.{name}"
+
+    def from_torch(frame):
+        if frame is None:
+            return False
+        g = frame.f_globals
+        name = g.get("__name__", "")
+        module = modules.get(name) if isinstance(name, str) and name.startswith("torch") else None
+        return module is not None and module.__dict__ is g
+
+    def profiler(frame, event, arg):
+        if event == "c_call" and id(arg) in doors and not from_torch(frame):
+            audit("gptcourse.record", token, "violations", f"calls {doors[id(arg)]}")
+        elif event == "call" and frame.f_code in helpers and not from_torch(frame.f_back):
+            audit("gptcourse.record", token, "violations", f"calls {helpers[frame.f_code]}")
+    return profiler
+
+
 def _warm_up(enter, leave):
     """Run common operators under the monitor once (torch imports modules the
     first time a mode handles an operator; that must happen before the guards)."""
@@ -252,7 +368,7 @@ def _plain(value):
     raise TypeError(f"returned a {type(value).__module__}.{type(value).__name__}")
 
 
-def call_monitored(fn, args, enter, leave, record):
+def call_monitored(fn, args, enter, leave, record, door_watch=None):
     """Call fn on a deep copy of args, monitored (in the calling thread, no time
     limit). Returns (status, value, ops, functions): status "ok", "error",
     "not implemented" or "tampered"."""
@@ -262,9 +378,13 @@ def call_monitored(fn, args, enter, leave, record):
     status, value = "ok", None
     try:
         enter()
+        if door_watch:
+            door_watch(True)
         try:
             value = fn(*args)
         finally:
+            if door_watch:
+                door_watch(False)
             changed = leave()
         if changed:
             status, value = "tampered", f"changes {changed} (the grader's monitor)"
@@ -329,7 +449,13 @@ def main():
         return (True, box[0]) if done.acquire(timeout=seconds) else (False, None)
 
     _warm_up(enter, leave)                     # torch's lazy imports happen now, before arming
-    _install_guards(token, record)
+    admin = object()                           # known to this frame and the hook only
+    profiler, audit, setprofile = make_door_watch(token), sys.audit, sys.setprofile
+
+    def door_watch(on):
+        audit("gptcourse.allow_profile", admin)
+        setprofile(profiler if on else None)
+    _install_guards(token, record, admin)
     watch = make_watch()
     sys.audit("gptcourse.arm", token)
     cells, tampering = [], []
@@ -352,7 +478,7 @@ def main():
         results[key] = []
         for args in task["inputs"]:
             record["violations"].clear()
-            finished, outcome = in_thread(lambda: call(fn, args, enter, leave, record), settings["call_timeout"])
+            finished, outcome = in_thread(lambda: call(fn, args, enter, leave, record, door_watch), settings["call_timeout"])
             if finished:
                 status, value, ops, functions = outcome
             else:

@@ -444,6 +444,26 @@ def attack_submissions(subs):
                        0, 3, "graded"),
         "eve_pops_the_monitor": (cheat("(torch._C._pop_torch_dispatch_stack(None), "
                                        "F.scaled_dot_product_attention(q, k, v, attn_mask=mask))[1]"), 0, 3, "graded"),
+        # the monitor's modes popped and pushed back around the call, by torch._C or by torch's helpers
+        "eve_pops_and_restores": (replace_sdpa(
+            "import torch.nn.functional as F\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS +
+            "    m, f = torch._C._pop_torch_dispatch_stack(None), torch._C._pop_torch_function_stack()\n"
+            "    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n"
+            "    torch._C._push_on_torch_function_stack(f)\n    torch._C._push_on_torch_dispatch_stack(m)\n"
+            "    return out, w\n"), 0, 3, "graded"),
+        "eve_disables_modes": (replace_sdpa(
+            "import torch.nn.functional as F, torch.utils._python_dispatch as pd\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS +
+            "    with pd._disable_current_modes(), torch._C.DisableTorchFunction():\n"
+            "        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n"
+            "    return out, w\n"), 0, 3, "graded"),
+        "eve_guard_classes": (replace_sdpa(
+            "import torch.nn.functional as F\n"
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS +
+            "    with torch._C._DisableTorchDispatch(), torch._C.DisableTorchFunction():\n"
+            "        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n"
+            "    return out, w\n"), 0, 3, "graded"),
         "eve_library_reference": (notebook(
             "from gptcourse.attention import scaled_dot_product_attention as ref\n"
             "import inspect, gptcourse.attention\nexec(inspect.getsource(gptcourse.attention))\n"
