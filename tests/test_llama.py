@@ -179,8 +179,7 @@ def test_load_gguf_refuses_other_architectures_and_tensor_types(tmp_path):
 @needs_model
 def test_load_gguf_counts_and_kv_cache(smollm2):
     model, tok = smollm2
-    import gguf
-    reader = gguf.GGUFReader(GGUF_PATH)
+    reader = llama._gguf_reader(GGUF_PATH)
     in_file = sum(int(t.n_elements) for t in reader.tensors)
     assert in_file == 134_515_008                              # the file's own count (tied: no output.weight)
     assert count_params(model.config) == in_file == model.num_params()
