@@ -19,7 +19,8 @@ PLAN = {
                  "06_transformer", "07_positional_encoding", "08_residuals_and_layer_norm"],
     "Part III.": ["09_gpt_and_bert", "10_tokens_and_embeddings", "11_gpt_from_scratch",
                   "12_gpt3_on_a_napkin", "13_decoding_and_kv_cache"],
-    "Part IV.": ["14_talking_to_chatgpt", "15_chatgpt_api", "16_plugins_and_tools"],
+    # the real chat model opens Part IV (SYLLABUS: "Beyond the lecture"), before the ChatGPT chapters
+    "Part IV.": ["14_a_real_chat_model", "15_talking_to_chatgpt", "16_chatgpt_api", "17_plugins_and_tools"],
 }
 
 
