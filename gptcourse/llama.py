@@ -92,14 +92,14 @@ def count_params(config):
 def rms_norm(x, weight, eps=1e-5):
     """x / sqrt(mean(x^2) + eps) * weight, over the last dimension. (..., C) -> (..., C)
 
-    LayerNorm without the mean: no centring, no bias. Computed in float32
-    whatever the input dtype, then cast back (as Llama does).
+    LayerNorm without the mean: no centring, no bias. Computed in at least
+    float32 whatever the input dtype (bfloat16 too), then cast back, as Llama does.
     """
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"x (..., C) and weight (C,) must agree: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (x32 * weight.float()).to(x.dtype)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    wide = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (wide * weight.to(wide.dtype)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -140,9 +140,10 @@ def apply_rope(x, angles):
     if x.shape[-1] != 2 * angles.shape[-1] or x.shape[-2] != angles.shape[-2]:
         raise ValueError(f"x (..., T, d) and angles (T, d/2) must agree: "
                          f"x {tuple(x.shape)}, angles {tuple(angles.shape)}")
-    pairs = x.float().unflatten(-1, (-1, 2))                    # (..., T, d/2, 2)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    pairs = x.to(wide).unflatten(-1, (-1, 2))                   # (..., T, d/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.to(wide).cos(), angles.to(wide).sin()
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 
