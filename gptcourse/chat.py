@@ -16,7 +16,7 @@ context window (``block_size`` tokens) is simply not seen.
 The course's own model (``train_course_model``) is the chapter-11 GPT: a
 character-level GPT trained on the Python documentation of ``pydoc_data``.
 It was never tuned to follow instructions, so it continues the transcript as
-documentation-like text; that is exactly what chapters 14-15 need to show
+documentation-like text; that is exactly what chapters 15-16 need to show
 how a chat API works and where a model without instruction tuning fails.
 """
 
@@ -93,7 +93,7 @@ def train_course_model(steps=600, seed=0, device=None, progress=True):
 
 
 # ----------------------------------------------------------------------------
-# Measuring what the model sees and how sure it is (chapter 14)
+# Measuring what the model sees and how sure it is (chapter 15)
 # ----------------------------------------------------------------------------
 
 def fit_to_context(messages, tokenizer, block_size, add_generation_prompt=True):
@@ -211,3 +211,68 @@ def ngram_overlap(samples, corpus, n):
     else:
         raise ValueError(f"corpus must be a str or a set of n-grams, got {type(corpus).__name__}")
     return sum(g in seen for g in grams) / len(grams)
+
+
+# ----------------------------------------------------------------------------
+# ChatML: the transcript format of SmolLM2 (and Qwen, and OpenAI's early chat models)
+# ----------------------------------------------------------------------------
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def format_chatml(messages, add_generation_prompt=True, default_system=SMOLLM2_SYSTEM):
+    """The conversation in ChatML, the format an instruction-tuned model was trained on.
+
+    Every message becomes "<|im_start|>{role}\\n{content}<|im_end|>\\n", where
+    <|im_start|> and <|im_end|> are special tokens, one id each. A user who
+    types them out gets those very tokens (the tokenizer recognises them in
+    any text), which is how a forged turn gets in: a server must refuse or
+    escape them in user content.
+    A conversation that does not start with a system message gets
+    `default_system` first (SmolLM2's template does this; None: no system
+    message). add_generation_prompt ends with "<|im_start|>assistant\\n", the
+    cue after which the model writes its answer, ended by <|im_end|>.
+
+    >>> print(format_chatml([{"role": "user", "content": "Hi"}], default_system="Be brief."))
+    <|im_start|>system
+    Be brief.<|im_end|>
+    <|im_start|>user
+    Hi<|im_end|>
+    <|im_start|>assistant
+    <BLANKLINE>
+    """
+    check_messages(messages)
+    if default_system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+@torch.no_grad()
+def reply(model, tokenizer, messages, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
+          generator=None, default_system=SMOLLM2_SYSTEM, on_text=None):
+    """The assistant's answer to `messages` from a ChatML model (e.g. gptcourse.llama.load_gguf()).
+
+    Renders the transcript with format_chatml, generates with the KV cache
+    until the model writes <|im_end|> (its end-of-turn token) or
+    max_new_tokens, and returns the answer's text. on_text(piece) is called
+    with each new piece of text as it is generated (streaming); a piece is
+    passed on only once its UTF-8 bytes are complete.
+    """
+    prompt = format_chatml(messages, True, default_system)
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    end = tokenizer.special.get("<|im_end|>")
+    ids, shown = [], ""
+    for next_id in model.stream(idx, max_new_tokens, temperature, top_k, top_p, generator=generator):
+        token = int(next_id[0, 0])
+        if token == end:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if on_text is not None and not text.endswith("\ufffd"):
+            on_text(text[len(shown):])
+            shown = text
+    return tokenizer.decode(ids)

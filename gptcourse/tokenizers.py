@@ -255,3 +255,194 @@ class BPETokenizer:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         return cls([((a, b), new_id) for a, b, new_id in data["merges"]])
+
+
+# ----------------------------------------------------------------------------
+# A pretrained byte-level BPE: the vocabulary and merges of a real model
+# ----------------------------------------------------------------------------
+
+def bytes_to_unicode():
+    """GPT-2's table from the 256 byte values to 256 printable characters.
+
+    A pretrained byte-level BPE (GPT-2, Llama 3, SmolLM2) writes its tokens
+    and merges as text, so every byte needs a visible character: the
+    printable ASCII and Latin-1 bytes stand for themselves, the other 68
+    (space, control bytes, ...) get the characters from U+0100 on. A space
+    is 'Ġ' (U+0120), a newline 'Ċ' (U+010A).
+
+    >>> table = bytes_to_unicode()
+    >>> table[ord(" ")], table[ord("\\n")], table[ord("a")]
+    ('Ġ', 'Ċ', 'a')
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_CLASS_CACHE = {}
+
+
+def _unicode_class(prefix):
+    """A regex character class of every code point whose Unicode category
+    starts with `prefix` ("L": letters, "N": numbers), i.e. \\p{L} / \\p{N},
+    which Python's `re` lacks. Built once from `unicodedata` (about 0.3 s)."""
+    if prefix not in _CLASS_CACHE:
+        import unicodedata
+        ranges, start = [], None
+        for cp in range(0x110000):
+            inside = unicodedata.category(chr(cp)).startswith(prefix)
+            if inside and start is None:
+                start = cp
+            elif not inside and start is not None:
+                ranges.append((start, cp - 1))
+                start = None
+        if start is not None:
+            ranges.append((start, 0x10FFFF))
+        _CLASS_CACHE[prefix] = "".join(
+            re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    return _CLASS_CACHE[prefix]
+
+
+def gpt2_split_pattern():
+    """GPT-2's pre-tokenizer regex, with \\p{L} and \\p{N} spelled out:
+
+        's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+    """
+    L, N = _unicode_class("L"), _unicode_class("N")
+    return re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^\s{L}{N}]+|\s+(?!\S)|\s+""")
+
+
+class PretrainedBPE:
+    """A byte-level BPE tokenizer from a pretrained model's vocabulary and merges.
+
+    It is the course's BPETokenizer with someone else's training: `tokens`
+    lists every token as text in GPT-2's byte-to-character alphabet
+    (`bytes_to_unicode`), `merges` the learned pairs ("Ġ t") in the order
+    they were learned (earlier = applied first), `special` the tokens that
+    stand for themselves (e.g. "<|im_start|>") and are never split.
+
+    pre_tokenizer (how text is cut into chunks before the merges):
+        "gpt2"    GPT-2's regex;
+        "smollm"  SmolLM2's: every digit on its own, then GPT-2's regex.
+
+    encode(text) adds no special tokens of its own; a special token written
+    in the text is encoded as that token.
+    """
+
+    PRE_TOKENIZERS = ("gpt2", "smollm")
+
+    def __init__(self, tokens, merges, special=(), pre_tokenizer="gpt2"):
+        if pre_tokenizer not in self.PRE_TOKENIZERS:
+            raise ValueError(f"unsupported pre-tokenizer {pre_tokenizer!r}; "
+                             f"supported: {', '.join(self.PRE_TOKENIZERS)}")
+        self.tokens = list(tokens)                                   # id -> token text
+        self.ids = {t: i for i, t in enumerate(self.tokens)}         # token text -> id
+        if len(self.ids) != len(self.tokens):
+            raise ValueError("the vocabulary has duplicate tokens")
+        self.ranks = {}                                              # (a, b) -> rank
+        for rank, merge in enumerate(merges):
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            if a + b not in self.ids:
+                raise ValueError(f"merge {rank} ({a!r}, {b!r}) makes {a + b!r}, which is not in the vocabulary")
+            self.ranks[(a, b)] = rank
+        self.special = {t: self.ids[t] for t in special}
+        self.pre_tokenizer = pre_tokenizer
+        self.byte_char = bytes_to_unicode()                          # byte -> char
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self._split = gpt2_split_pattern()
+        self._digits = re.compile(rf"[{_unicode_class('N')}]")
+        self._special_re = (re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
+                            if self.special else None)
+        self._cache = {}
+
+    @property
+    def vocab_size(self):
+        return len(self.tokens)
+
+    def _chunks(self, text):
+        """Pre-tokenization: the pieces the merges work inside."""
+        pieces = [text]
+        if self.pre_tokenizer == "smollm":                # "12 a" -> "1", "2", " a"
+            pieces = []
+            start = 0
+            for m in self._digits.finditer(text):
+                pieces += [text[start:m.start()], m.group()]
+                start = m.end()
+            pieces.append(text[start:])
+        return [chunk for piece in pieces if piece for chunk in self._split.findall(piece)]
+
+    def _bpe(self, chunk):
+        """The merges on one chunk: bytes as characters, then always merge the
+        adjacent pair learned first, until no learned pair is left."""
+        if chunk in self._cache:
+            return self._cache[chunk]
+        # a byte with no token of its own (e.g. a control byte the training data
+        # never had) is dropped, as Hugging Face's tokenizers do without an unknown token
+        parts = [c for c in (self.byte_char[b] for b in chunk.encode("utf-8")) if c in self.ids]
+        while len(parts) > 1:
+            ranked = [(self.ranks.get(pair, len(self.ranks)), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(ranked)
+            if rank == len(self.ranks):
+                break
+            pair = (parts[i], parts[i + 1])
+            merged, j = [], 0
+            while j < len(parts):                          # every occurrence, left to right
+                if j + 1 < len(parts) and (parts[j], parts[j + 1]) == pair:
+                    merged.append(parts[j] + parts[j + 1])
+                    j += 2
+                else:
+                    merged.append(parts[j])
+                    j += 1
+            parts = merged
+        ids = [self.ids[p] for p in parts]
+        if len(self._cache) < 100_000:
+            self._cache[chunk] = ids
+        return ids
+
+    def encode(self, text):
+        """str -> list of token ids (no BOS/EOS added)."""
+        _check_text(text)
+        ids, start = [], 0
+        matches = self._special_re.finditer(text) if self._special_re else ()
+        for m in matches:
+            for chunk in self._chunks(text[start:m.start()]):
+                ids += self._bpe(chunk)
+            ids.append(self.special[m.group()])
+            start = m.end()
+        for chunk in self._chunks(text[start:]):
+            ids += self._bpe(chunk)
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        """list of ints (or 1-D tensor) -> str. Invalid UTF-8 becomes '\\ufffd'."""
+        ids = _as_id_list(ids, self.vocab_size)
+        out, pending = [], bytearray()
+        for i in ids:
+            token = self.tokens[i]
+            if token in self.special:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+                if not skip_special:
+                    out.append(token)
+            else:
+                pending += self.token_bytes(i)
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_bytes(self, token_id):
+        """The bytes that one (non-special) token stands for."""
+        token = self.tokens[token_id]
+        if token in self.special:
+            return token.encode("utf-8")
+        return bytes(self.char_byte[c] for c in token)
+
+    def pieces(self, text):
+        """The pieces of `text` as strings, for display: "Hello world" -> ['Hello', ' world']."""
+        return [self.token_bytes(i).decode("utf-8", errors="replace") for i in self.encode(text)]

@@ -545,3 +545,99 @@ def train_tool_model(steps=1500, seed=0, batch_size=32, lr=3e-3, device=None, pr
                     desc="tool GPT")
     model.eval()
     return model, tokenizer, history, (train_p, val_p, test_p)
+
+
+# ----------------------------------------------------------------------------
+# The same loop on a real chat model (ChatML, gptcourse.llama)
+# ----------------------------------------------------------------------------
+
+# What tells a chat model about the calculator: a system message, and two worked
+# examples as earlier turns (a 135M model follows examples far better than instructions).
+CHAT_TOOL_SYSTEM = ("You can use a calculator: write <calc>EXPRESSION</calc> with integers, + - * "
+                    "and parentheses, and the result appears in brackets.")
+CHAT_TOOL_EXAMPLES = [
+    {"role": "user", "content": "What is 12 times 34?"},
+    {"role": "assistant", "content": "<calc>12*34</calc>[408] 12 times 34 is 408."},
+    {"role": "user", "content": "How much is 500 + 250?"},
+    {"role": "assistant", "content": "<calc>500+250</calc>[750] 500 + 250 is 750."},
+]
+
+
+def _clean_result(text, max_chars=40):
+    """A tool result as a chat model may read it: one line, no brackets or
+    angle brackets (it cannot close its own brackets or open a call), no
+    special-token markup, at most max_chars characters."""
+    safe = "".join("?" if c in "[]<>|\n\r" else c for c in str(text))
+    return safe if len(safe) <= max_chars else safe[:max_chars - 3] + "..."
+
+
+@torch.no_grad()
+def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, max_calls=2,
+                   max_new_tokens=48, max_call_chars=48):
+    """run_tool_loop for a chat model: answer the conversation `messages`,
+    running the tools the model calls, with the course's call syntax.
+
+    The model (e.g. gptcourse.llama.load_gguf()) writes its turn after the
+    ChatML prompt (gptcourse.chat.format_chatml), greedily. A call starts at
+    '<' and ends with '</name>', a newline or max_call_chars characters; the
+    program then runs it (parse_call: malformed calls and unknown tools give
+    'error: ...') and appends '[result]' to the assistant's turn, encoded as
+    plain text (no special tokens), and the model goes on. The turn ends at
+    <|im_end|>. Returns a ToolRun whose answer is the text after the last
+    result (or the whole turn when there was no call).
+    """
+    from .chat import format_chatml
+    tools = TOOLS if tools is None else tools
+    if not isinstance(max_calls, int) or max_calls < 0:
+        raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    end = tokenizer.special.get("<|im_end|>")
+    if end is None:
+        raise ValueError("the tokenizer has no <|im_end|> token: chat_tool_loop needs a ChatML model")
+    run = ToolRun(messages[-1]["content"])
+    prompt = format_chatml(messages)
+    run._add("prompt", prompt)
+    ids = tokenizer.encode(prompt)
+    device = _device_of(model)
+    turn, new_ids, call_start, written = "", [], None, 0
+    steps = model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature=0)
+    while True:
+        next_id = next(steps, None)
+        if next_id is None or written >= max_new_tokens:
+            run.stop = "too long"
+            return run
+        token = int(next_id[0, 0])
+        written += 1
+        if token == end:
+            run.answer, run.stop = answer_of(turn), "answered"
+            return run
+        new_ids.append(token)
+        piece = tokenizer.decode(new_ids)
+        if piece.endswith("\ufffd"):                  # an unfinished UTF-8 character
+            continue
+        new_ids = []
+        turn += piece
+        run._add("model", piece)
+        if call_start is None:
+            if "<" in piece and use_tools:
+                call_start = turn.rindex("<")
+            else:
+                continue
+        call = turn[call_start:]
+        closed = re.search(r"</[a-z_]+>", call)
+        if not (closed or "\n" in call or len(call) >= max_call_chars):
+            continue
+        if closed:                                    # anything after '</name>' is dropped
+            call = call[:closed.end()]
+        call_start, turn = None, turn[:call_start] + call
+        if len(run.calls) == max_calls:
+            run.calls.append((call, None))
+            run.stop = "too many calls"
+            return run
+        result = "[" + _clean_result(tool_result(call.strip(), tools)) + "]"
+        run.calls.append((call, result[1:-1]))
+        run._add("tool", result)
+        turn += result
+        ids = tokenizer.encode(prompt + turn)         # the result cannot hold special-token text
+        steps = model.stream(torch.tensor([ids], device=device), max_new_tokens - written, temperature=0)

