@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import attention, gpt, positional, sampling
+from . import attention, gpt, llama, positional, sampling
 from .tokenizers import _merge
 
 
@@ -327,6 +327,67 @@ def _kv_inputs(B, H, T, T_new, d, dtype=torch.float32):
                       randn(g, B, H, T_new, d, dtype=dtype), randn(g, B, H, T_new, d, dtype=dtype))
 
 
+
+# ----------------------------------------------------------------------------
+# 14: a real chat model's pieces: RMSNorm and rotary position embeddings
+# ----------------------------------------------------------------------------
+
+def rms_norm_ref(x, weight, eps=1e-5):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis. x (..., C), weight (C,)"""
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def _rms_variant(kind):
+    def wrong(x, weight, eps=1e-5):
+        if kind == "centred":
+            x = x - x.mean(dim=-1, keepdim=True)
+        if kind == "sum":
+            return x * torch.rsqrt(x.pow(2).sum(dim=-1, keepdim=True) + eps) * weight
+        if kind == "eps outside":
+            return x / (x.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps) * weight
+        if kind == "no weight":
+            return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+    return wrong
+
+
+def _rms_inputs(shape, dtype=torch.float32, scale=3.0):
+    return lambda g: (randn(g, *shape, dtype=dtype) * scale + 1.5 * scale, randn(g, shape[-1], dtype=dtype),
+                      1e-5)
+
+
+def rope_ref(x, positions, base=10000.0):
+    """Rotate each pair (x_2i, x_2i+1) of x (..., T, d) at position m by the angle
+    m * base^(-2i/d); positions: (T,) integers. Returns (..., T, d)."""
+    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = positions.to(torch.float64)[:, None] * theta[None, :]                # (T, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def _rope_variant(kind):
+    def wrong(x, positions, base=10000.0):
+        if kind == "halves":                    # pairs (x_i, x_i+d/2): the other layout
+            d = x.shape[-1]
+            perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+            inverse = torch.argsort(perm)
+            return rope_ref(x[..., inverse], positions, base)[..., perm]
+        if kind == "sign":
+            return rope_ref(x, -positions, base)
+        if kind == "i/d":
+            return rope_ref(x, positions, base ** 0.5)
+        if kind == "from 1":
+            return rope_ref(x, positions + 1, base)
+        return rope_ref(x, positions, base)
+    return wrong
+
+
+def _rope_inputs(lead, T, d, start=0, dtype=torch.float32, base=10000.0):
+    return lambda g: (randn(g, *lead, T, d, dtype=dtype), torch.arange(start, start + T), base)
+
+
 # ----------------------------------------------------------------------------
 # the list
 # ----------------------------------------------------------------------------
@@ -502,4 +563,36 @@ EXERCISES = {e.key: e for e in [
              [("new first", lambda ck, cv, kn, vn: (torch.cat([kn, ck], -2), torch.cat([vn, cv], -2)),
                "Append the new keys and values AFTER the cached ones: the order is the positions' order.")],
              ("gptcourse.attention.KVCache.update",)),
+    Exercise("rms_norm", "rms_norm", "Exercise 14.1: RMSNorm",
+             "14_a_real_chat_model", rms_norm_ref,
+             [Case("B=2, T=5, C=8", _rms_inputs((2, 5, 8))),
+              Case("one token, C=576 (SmolLM2's width), float64", _rms_inputs((1, 576), f64)),
+              Case("B=3, T=4, C=6, tiny values, float64", _rms_inputs((3, 4, 6), f64, scale=1e-3))],
+             [("centred", _rms_variant("centred"),
+               "RMSNorm does not subtract the mean (that is LayerNorm): x / sqrt(mean(x^2) + eps) * weight."),
+              ("sum", _rms_variant("sum"),
+               "Take the MEAN of the squares over the last axis (divide by C), not their sum."),
+              ("eps outside", _rms_variant("eps outside"),
+               "eps goes inside the square root: x / sqrt(mean(x^2) + eps)."),
+              ("no weight", _rms_variant("no weight"),
+               "Multiply by the learned scale `weight` at the end.")],
+             ("torch.nn.functional.rms_norm", "torch.rms_norm", "torch.nn.RMSNorm.forward",
+              "gptcourse.llama.rms_norm", "gptcourse.llama.RMSNorm.forward", "gptcourse.exercises.rms_norm_ref"),
+             _NORM_OPS + ("rms_norm", "RMSNorm")),
+    Exercise("rope", "apply_rope", "Exercise 14.2: rotary position embeddings",
+             "14_a_real_chat_model", rope_ref,
+             [Case("positions 0..4, B=2, H=3, d=8", _rope_inputs((2, 3), 5, 8)),
+              Case("positions 100..103 (after a KV cache), d=16, float64", _rope_inputs((1,), 4, 16, 100, f64)),
+              Case("SmolLM2's head: d=64, base 100000", _rope_inputs((1, 9), 6, 64, 0, torch.float32, 100000.0)),
+              Case("position 0 only (no rotation)", _rope_inputs((2,), 1, 4), fixed=True, trivial=True)],
+             [("halves", _rope_variant("halves"),
+               "Here the pairs are ADJACENT, (x_0, x_1), (x_2, x_3), ...: x[..., 0::2] and x[..., 1::2]. "
+               "Pairing x_i with x_(i + d/2) is the other layout (Hugging Face's rotate_half)."),
+              ("sign", _rope_variant("sign"),
+               "Rotate counter-clockwise: x'_2i = x_2i cos - x_2i+1 sin, x'_2i+1 = x_2i sin + x_2i+1 cos."),
+              ("i/d", _rope_variant("i/d"),
+               "theta_i = base^(-2i/d) with 2i = 0, 2, 4, ...: use torch.arange(0, d, 2) / d."),
+              ("from 1", _rope_variant("from 1"),
+               "Rotate by the positions you are given (the first token is position 0), not position + 1.")],
+             ("gptcourse.llama.apply_rope", "gptcourse.llama.rope_angles", "gptcourse.exercises.rope_ref")),
 ]}

@@ -195,6 +195,35 @@ computes its own.""", [
     raise NotImplementedError
     # END''', '''    return torch.cat([cache_k, k_new], dim=-2), torch.cat([cache_v, v_new], dim=-2)'''),
     ]),
+    "14_a_real_chat_model": ("Exercises 14: RMSNorm and rotary embeddings", "14_a_real_chat_model", r"""
+Recap. RMSNorm scales each token's vector by the root mean square of its
+features, with no centring and no bias:
+$\mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\frac{1}{C}\sum_i x_i^2 + \epsilon}} \odot g$.
+Rotary embeddings rotate each adjacent pair $(x_{2i}, x_{2i+1})$ of a query or
+key at position $m$ by the angle $m\,\theta_i$, $\theta_i = b^{-2i/d}$:
+$x'_{2i} = x_{2i}\cos m\theta_i - x_{2i+1}\sin m\theta_i$,
+$x'_{2i+1} = x_{2i}\sin m\theta_i + x_{2i+1}\cos m\theta_i$.""", [
+        ("rms_norm", '''def rms_norm(x, weight, eps=1e-5):
+    """x: (..., C); weight: (C,). Returns (..., C)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    return x / torch.sqrt((x ** 2).mean(dim=-1, keepdim=True) + eps) * weight'''),
+        ("rope", '''def apply_rope(x, positions, base=10000.0):
+    """x: (..., T, d) queries or keys, d even; positions: (T,) integers.
+    Rotate pair (x_2i, x_2i+1) of the token at position m by m * base^(-2i/d).
+    Returns (..., T, d)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)       # (d/2,)
+    angle = positions.double()[:, None] * theta                            # (T, d/2)
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out'''),
+    ]),
 }
 
 

@@ -185,6 +185,35 @@ def topp_sorted(logits, p):
     probs = torch.softmax(sl, -1); keep = torch.cumsum(probs, -1) - probs < p
     return torch.where(keep, sl, torch.tensor(float('-inf')))
 
+def rms_centred(x, w, eps=1e-5):                       # LayerNorm's centring kept
+    x = x - x.mean(-1, keepdim=True)
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def rms_sum(x, w, eps=1e-5):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps) * w
+
+
+def rms_eps_outside(x, w, eps=1e-5):
+    return x / (torch.sqrt((x * x).mean(-1, keepdim=True)) + eps) * w
+
+
+def rms_no_weight(x, w, eps=1e-5):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def _rope_student(x, positions, base, halves=False, sign=1.0, exponent_step=2, shift=0):
+    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d // 2, dtype=torch.float64) * exponent_step / d)
+    angle = sign * (positions.double() + shift)[:, None] * theta
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    if halves:                                              # pairs (x_i, x_i+d/2)
+        a, b = x[..., :d // 2], x[..., d // 2:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
 WRONG = [
     # (exercise, submission, exact points, a words of the hint it must earn)
     ("additive_scores", lambda s, h, W, U, v: ((s @ W.T)[:, None] + h @ U.T) @ v, 0, "tanh"),
@@ -209,6 +238,15 @@ WRONG = [
     ("layer_norm", ln_unbiased, 0, "biased variance"),
     ("layer_norm", ln_batch_axis, 0, "not over the batch"),
     ("layer_norm", ln_eps_outside, 1, "inside the square root"),
+    # RMSNorm, RoPE (chapter 14); position 0 is a trivial fixed case: its point is kept
+    ("rms_norm", rms_centred, 0, "does not subtract the mean"),
+    ("rms_norm", rms_sum, 0, "MEAN of the squares"),
+    ("rms_norm", rms_eps_outside, 1, "inside the square root: x / sqrt"),
+    ("rms_norm", rms_no_weight, 0, "learned scale"),
+    ("rope", lambda x, p, base=10000.0: _rope_student(x, p, base, halves=True), 1, "ADJACENT"),
+    ("rope", lambda x, p, base=10000.0: _rope_student(x, p, base, sign=-1.0), 1, "counter-clockwise"),
+    ("rope", lambda x, p, base=10000.0: _rope_student(x, p, base, exponent_step=1), 1, "arange(0, d, 2)"),
+    ("rope", lambda x, p, base=10000.0: _rope_student(x, p, base, shift=1), 0, "position 0"),
     ("bpe_merge", merge_first_only, 2, "EVERY occurrence"),
     ("bpe_merge", merge_right_to_left, 3, "left to right"),
     ("count_params", count_no_positions, 0, "position embeddings"),
@@ -321,6 +359,20 @@ def test_calling_the_reference_earns_zero():
     assert result["points"] == 0
     assert grade("count_params", lambda L, d, V, T: exercises.gpt.count_params(
         exercises.gpt.GPTConfig(n_layer=L, n_head=1, n_embd=d, vocab_size=V, block_size=T)), seed=4)["points"] == 0
+
+
+def test_calling_ready_made_rmsnorm_or_rope_earns_zero():
+    from gptcourse import llama
+    ready_made = [
+        ("rms_norm", lambda x, w, eps=1e-5: torch.nn.functional.rms_norm(x, x.shape[-1:], w, eps)),
+        ("rms_norm", lambda x, w, eps=1e-5: torch.nn.RMSNorm(x.shape[-1], eps=eps, dtype=x.dtype)(x) * w),
+        ("rms_norm", lambda x, w, eps=1e-5: llama.rms_norm(x, w, eps)),
+        ("rope", lambda x, p, base=10000.0: llama.apply_rope(x, llama.rope_angles(p, x.shape[-1], base))),
+        ("rope", lambda x, p, base=10000.0: exercises.rope_ref(x, p, base)),
+    ]
+    for key, fn in ready_made:
+        result = grade(key, fn, seed=4)
+        assert result["points"] == 0, (key, result)
 
 
 def test_hard_coded_answers_earn_zero():
