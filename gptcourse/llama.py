@@ -425,7 +425,10 @@ def load_gguf(path=None, dtype=torch.float32, device=None):
                              f"does not dequantize (supported: {', '.join(sorted(s.name for s in supported))})")
         values = gguf.quants.dequantize(t.data, t.tensor_type)     # numpy float32, (rows, cols)
         shape = tuple(int(n) for n in reversed(t.shape))           # GGUF lists dims innermost first
-        state[ours] = torch.from_numpy(values.reshape(shape).copy()).to(dtype)
+        values = values.reshape(shape)
+        if not values.flags.writeable:                             # float32 tensors: a view of the file
+            values = values.copy()
+        state[ours] = torch.from_numpy(values).to(dtype)
     if config.tied:
         state["lm_head.weight"] = state["wte.weight"]
 

@@ -210,3 +210,15 @@ def test_bpe_errors(bpe512):
         bpe512.decode([1, 512])
     with pytest.raises(ValueError, match=r"token id -3"):
         bpe512.token_bytes(-3)
+
+
+def test_unicode_classes_equal_the_unicode_categories():
+    """\\p{L} and \\p{N} as built for the pretrained tokenizer's regex: every code
+    point, against unicodedata's own categories."""
+    import re
+    import unicodedata
+    from gptcourse.tokenizers import _unicode_class
+    for prefix in ("L", "N"):
+        rx = re.compile(f"[{_unicode_class(prefix)}]")
+        for cp in range(0x110000):
+            assert bool(rx.match(chr(cp))) == unicodedata.category(chr(cp)).startswith(prefix), hex(cp)
