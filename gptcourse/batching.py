@@ -365,6 +365,7 @@ class Engine:
         self.cond = threading.Condition()
         self.stats = dict(steps=0, batch_tokens=0, max_batch_seen=0, prefills=0)
         self._stopping = False
+        self._threads = torch.get_num_threads()      # a new thread starts with the default
         self._thread = threading.Thread(target=self._run, name="gptcourse.batching.Engine", daemon=True)
         self._thread.start()
 
@@ -395,6 +396,7 @@ class Engine:
 
     # ---- the loop, in the engine's thread ----------------------------------
     def _run(self):
+        torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while True:
                 with self.cond:
