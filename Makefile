@@ -13,7 +13,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser unit notebooks html outputs bench bench-pinning bench-llama clean
+.PHONY: book test install assets browser unit notebooks html outputs bench bench-pinning bench-llama bench-serve clean
 
 book: install assets
 	$(JB)
@@ -75,3 +75,9 @@ bench-pinning: install
 # load time, greedy tokens per second at 1 and 2 threads, peak memory.
 bench-llama: install
 	$(BIN)/python benchmarks/bench_llama.py
+
+# The chat server (gptcourse.serve) with SmolLM2 under 1, 4 and 16 concurrent clients,
+# continuous batching vs one request at a time, side by side: tokens/s, p50/p95 latency
+# and time to first token (about 5 minutes on 2 busy cores).
+bench-serve: install
+	$(BIN)/python benchmarks/bench_serve.py

@@ -242,7 +242,7 @@ class StopMatcher:
     >>> m.feed("Hello\\nUs"), m.held_back
     (None, 3)
     >>> m.feed("er: hi")
-    (3, '\nUser:')
+    (3, '\\nUser:')
     """
 
     def __init__(self, stops):

@@ -1011,12 +1011,18 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the real model's weights in memory (default float32)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice; "
+                                                    "1 is often faster on a busy machine)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(message)s")
     from .train import pick_device
 
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.exit(2, f"error: --threads must be a positive integer, got {args.threads}\n")
+        torch.set_num_threads(args.threads)
     if args.train_char:
         from .chat import train_course_model
         print(f"training the course's character GPT for {args.steps} steps...", flush=True)
