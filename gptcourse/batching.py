@@ -168,8 +168,29 @@ def window_step(model, windows):
 # The two ways of keeping a batch, behind one small interface
 # ----------------------------------------------------------------------------
 
+@torch.no_grad()
+def llama_prefill(model, ids, caches):
+    """Llama.forward on one prompt (1, T) after the len(caches[0]) positions
+    already cached, but the output layer only at the last position (the
+    only one generation needs: 49,152 x 576 multiply-adds per token saved).
+    Returns the last position's logits (V,), float32."""
+    from .llama import rope_angles
+    past = len(caches[0])
+    positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+    angles = rope_angles(positions, model.config.head_size, model.config.rope_base)
+    x = model.wte(ids)                                                             # (1, T, C)
+    for block, cache in zip(model.blocks, caches):
+        x = block(x, angles, cache=cache)
+    return model.lm_head(model.rms_f(x[0, -1])).float()                            # (V,)
+
+
 class LlamaBatch:
-    """Rows of a RaggedKVCache: add(row, prompt) -> logits (V,); step(ids) -> (n, V)."""
+    """Rows of a RaggedKVCache: add(row, prompt) -> logits (V,); step(ids) -> (n, V).
+
+    Prefix caching: the keys and values of the last prompt are kept, and a
+    new prompt starting with the same tokens (the same system message, the
+    same conversation so far) reuses them: only the rest is computed.
+    """
 
     def __init__(self, model, rows, max_length):
         c = model.config
@@ -178,13 +199,27 @@ class LlamaBatch:
         self.max_length = min(max_length, c.block_size)
         self.cache = RaggedKVCache(c.n_layer, rows, c.n_kv_head, c.head_size, self.max_length,
                                    dtype=p.dtype, device=p.device)
+        self.last_prompt, self.last_caches = [], None
+        self.reused = 0                               # prompt tokens not recomputed, in all
 
     def add(self, row, prompt_ids):
         device = self.cache.lengths.device
+        if len(prompt_ids) > self.max_length:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit max_length={self.max_length}")
+        same = 0                                      # common prefix, leaving >= 1 token to compute
+        for a, b in zip(prompt_ids[:len(prompt_ids) - 1], self.last_prompt):
+            if a != b:
+                break
+            same += 1
         caches = [KVCache() for _ in self.model.blocks]
-        logits, _ = self.model(torch.tensor([prompt_ids], device=device), caches=caches)
+        if same:
+            for cache, old in zip(caches, self.last_caches):
+                cache.update(old.k[:, :, :same], old.v[:, :, :same])
+            self.reused += same
+        logits = llama_prefill(self.model, torch.tensor([prompt_ids[same:]], device=device), caches)
         self.cache.put(row, caches)
-        return logits[0, -1].float()
+        self.last_prompt, self.last_caches = list(prompt_ids), caches
+        return logits
 
     def step(self, last_ids):
         ids = torch.tensor(last_ids, dtype=torch.long, device=self.cache.lengths.device)

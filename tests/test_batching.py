@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gptcourse.attention import KVCache
-from gptcourse.batching import (Engine, RaggedKVCache, Sequence, StopMatcher, llama_decode_step,
+from gptcourse.batching import (Engine, LlamaBatch, RaggedKVCache, Sequence, StopMatcher, llama_decode_step,
                                 window_step)
 from gptcourse.gpt import GPT, GPTConfig
 from gptcourse.llama import Llama, LlamaConfig
@@ -45,6 +45,18 @@ def test_ragged_decode_step_equals_the_models_forward(tiny_llama):
     cache.move(2, 0)                                   # row 0 leaves; the last row takes its place
     assert cache.lengths[0] == 10
     torch.testing.assert_close(cache.k[1][0, :, :10], cache.k[1][2, :, :10])
+
+
+def test_prefill_reuses_a_common_prefix_and_gives_the_same_logits(tiny_llama):
+    batch = LlamaBatch(tiny_llama, rows=2, max_length=64)
+    shared = [7, 8, 9, 10, 11, 12]
+    for row, prompt in enumerate([shared + [1, 2], shared + [3]]):
+        logits = batch.add(row, prompt)
+        torch.testing.assert_close(logits, tiny_llama(torch.tensor([prompt]))[0][0, -1], atol=1e-5, rtol=1e-5)
+    assert batch.reused == len(shared)
+    assert batch.cache.lengths[:2].tolist() == [8, 7]
+    batch.add(0, shared)                              # the same prompt again: all but its last token reused
+    assert batch.reused == 2 * len(shared) - 1
 
 
 def test_ragged_cache_checks_its_arguments():
