@@ -354,6 +354,42 @@ def test_a_slow_client_is_cut_off(server):
     silent.close()
 
 
+def _closed(sock, timeout):
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_many_dawdling_connections_neither_stall_others_nor_stay(model, tok):
+    """Review: 1,300 slow connections were each held by a thread, and closing them
+    stalled the server 12 s; here they cost no thread and are cut at the deadline."""
+    with serve(model, tok, request_timeout=1.0) as s:
+        socks = [socket.create_connection((s.host, s.port), timeout=10) for _ in range(60)]
+        for sock in socks:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start = time.monotonic()
+        assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - start < 3
+        assert all(_closed(sock, 5) for sock in socks)
+        for sock in socks:
+            sock.close()
+        assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+
+
+def test_connections_over_the_cap_are_closed_at_once(model, tok):
+    with serve(model, tok, request_timeout=10.0, max_connections=10) as s:
+        socks = [socket.create_connection((s.host, s.port), timeout=10) for _ in range(12)]
+        start = time.monotonic()
+        assert [_closed(sock, 0.3) for sock in socks].count(True) == 2
+        assert time.monotonic() - start < 8
+        for sock in socks:
+            sock.close()
+
+
 def test_concurrent_requests_are_decoded_in_one_batch(server, http, model, tok):
     """Continuous batching: several sequences in one forward pass, and the same answers."""
     expected = reference(model, tok, LONG, 20, temperature=0)[0]
