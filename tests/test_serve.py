@@ -279,6 +279,13 @@ def test_http_level_errors_are_json_too(http):
     assert http.get("/nowhere").json()["error"]["code"] == "unknown_url"
     r = http.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "x" * 30_000}]))
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    def chunks():                                   # no Content-Length: counted as it arrives
+        yield b'{"model": "gptcourse-char", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 1000
+        yield b'"}]}'
+    r = http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert http.get("/v1/models/gpt-4").status_code == 404
     assert http.get(f"/v1/models/{NAME}").json()["id"] == NAME
     assert http.get("/health").json() == {"status": "ok"}
@@ -485,6 +492,18 @@ def test_api_key(model, tok, monkeypatch):
             assert h.get("/v1/models", headers={**ok, "Host": "any.example"}).status_code == 200
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret-key", max_retries=0)
         assert good.chat.completions.create(model=NAME, messages=HI, max_tokens=2).choices
+
+
+def test_the_api_key_comes_from_a_file_the_environment_or_argv(tmp_path):
+    import argparse
+    from gptcourse.serve import read_api_key
+    key = tmp_path / "key"
+    key.write_text("from-the-file\n")
+    args = argparse.Namespace(api_key_file=str(key), api_key="from-argv")
+    assert read_api_key(args, {"GPTCOURSE_API_KEY": "from-env"}) == "from-the-file"
+    args.api_key_file = None
+    assert read_api_key(args, {"GPTCOURSE_API_KEY": "from-env"}) == "from-env"
+    assert read_api_key(args, {}) == "from-argv"
 
 
 def test_refuses_a_non_loopback_address_without_a_key(model, tok):
