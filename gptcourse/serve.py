@@ -557,6 +557,16 @@ def build_app(server):
 
 def _message(job, text, finish):
     """The assistant message of a finished completion (tool calls parsed out)."""
+    if job["named"]:                  # the server wrote the call's start: the model wrote its arguments
+        value = text.split("</tool_call>")[0].strip()
+        try:
+            arguments, _ = json.JSONDecoder().raw_decode(value)
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        except ValueError:
+            arguments = value                 # as OpenAI warns: not always valid JSON
+        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": job["named"], "arguments": arguments}}
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, "tool_calls"
     text = job["prefill"] + text
     if job["tool_names"]:
         content, calls = parse_tool_calls(text, job["tool_names"])
@@ -871,12 +881,15 @@ class ChatServer:
         temperature = 1.0 if req.temperature is None else req.temperature
         seed = None if req.seed is None else req.seed % 2 ** 64
         sampling = dict(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                        stop=tuple(stops) + tuple(stop), stop_ids=stop_ids, seed=seed,
+                        stop=tuple(stops) + tuple(stop) + (("</tool_call>",) if prefill else ()),
+                        stop_ids=stop_ids, seed=seed,
                         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
                         presence_penalty=req.presence_penalty or 0.0,
                         frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias)
         return dict(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, prefill=prefill,
                     tool_names=tool_names, logprobs=bool(req.logprobs),
+                    named=req.tool_choice.function.name if prefill and isinstance(req.tool_choice, NamedToolChoice)
+                    else None,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
     # ---- lifetime -----------------------------------------------------------

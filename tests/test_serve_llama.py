@@ -32,7 +32,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def server(smollm2):
     model, tok = smollm2
-    with serve(model, tok, max_context=256) as s:
+    with serve(model, tok, max_context=1024) as s:
         yield s
 
 
@@ -104,7 +104,28 @@ def test_non_ascii_text_and_logprobs(client):
 
 
 def test_context_length_is_checked(client):
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 256") as e:
-        client.chat.completions.create(model=NAME, max_tokens=200,
-                                       messages=[{"role": "user", "content": "word " * 100}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 1024") as e:
+        client.chat.completions.create(model=NAME, max_tokens=10,
+                                       messages=[{"role": "user", "content": "word " * 1100}])
     assert e.value.code == "context_length_exceeded"
+
+
+def test_a_named_tool_choice_gives_a_tool_call_and_its_result_is_read(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=NAME, messages=ask, tools=tools, tool_choice=choice,
+                                       max_tokens=30, temperature=0)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(call.function.arguments, str) and call.id.startswith("call_")
+    stream = client.chat.completions.create(model=NAME, messages=ask, tools=tools, tool_choice=choice,
+                                            max_tokens=30, temperature=0, stream=True)
+    deltas = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas and deltas[0][0].function.name == "get_weather"
+    follow = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "clear"}'}]
+    r = client.chat.completions.create(model=NAME, messages=follow, tools=tools, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
