@@ -71,6 +71,7 @@ from typing import Annotated, Dict, List, Literal, Optional, Union
 import torch
 
 try:
+    import h11
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -285,8 +286,8 @@ def _param(loc):
             out += f"[{part}]"
         elif i == 2 and loc[0] == "messages" and part in ("system", "developer", "user", "assistant", "tool"):
             continue                                      # the union's tag, not a field
-        elif part in ("str", "list[TextPart]", "function-after[_text_only(), str]") or "[" in str(part):
-            continue
+        elif part == "str" or "[" in part:
+            continue                                      # a union's branch: 'str', 'list[TextPart]'
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -682,13 +683,11 @@ class _DeadlineProtocol(H11Protocol):
 
     def _too_slow(self):
         self._deadline = None
-        import h11
         if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
             log.info("closing a connection that did not send its request in %s s", self.request_timeout)
             self.transport.close()
 
     def data_received(self, data):
-        import h11
         self._start_deadline()
         super().data_received(data)
         if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) and self._deadline is not None:
@@ -830,7 +829,7 @@ class ChatServer:
 
     def prepare(self, req):
         """A checked request -> prompt ids and sampling settings (in a worker thread)."""
-        messages = chat_messages(req, self.default_system)
+        messages = chat_messages(req, self.default_system if self.chatml else None)
         prefill = _tool_prefill(req) if _offered_tools(req) else ""
         tool_names = {t.function.name for t in _offered_tools(req)}
         if self.chatml:

@@ -14,7 +14,6 @@ import socket
 import string
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
