@@ -530,7 +530,7 @@ def build_app(server):
         seq = Sequence(job["prompt_ids"], job["max_tokens"], on_event, **job["sampling"])
         server.engine.submit(seq)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": server.model_name, "system_fingerprint": server.fingerprint}
+                "model": server.model_name}
         if req.stream:
             return StreamingResponse(_stream(request, seq, queue, job, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -547,7 +547,7 @@ def build_app(server):
             return JSONResponse({}, status_code=499)
         message, finish = _message(job, text, finish)
         return {"id": head["id"], "object": "chat.completion", "created": head["created"],
-                "model": server.model_name, "system_fingerprint": server.fingerprint,
+                "model": server.model_name,
                 "choices": [{"index": 0, "message": message,
                              "logprobs": {"content": entries, "refusal": None} if job["logprobs"] else None,
                              "finish_reason": finish}],
@@ -614,7 +614,7 @@ async def _stream(request, seq, queue, job, head):
 
     def chunk(delta, finish=None, logprobs=None):
         return _sse({"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],
-                     "model": head["model"], "system_fingerprint": head["system_fingerprint"],
+                     "model": head["model"],
                      "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                      **extra})
 
@@ -644,7 +644,7 @@ async def _stream(request, seq, queue, job, head):
             yield chunk({}, finish)
             if job["include_usage"]:
                 yield _sse({"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],
-                            "model": head["model"], "system_fingerprint": head["system_fingerprint"],
+                            "model": head["model"],
                             "choices": [], "usage": usage(len(job["prompt_ids"]), n_out)})
             yield "data: [DONE]\n\n"
             return
@@ -776,7 +776,6 @@ class ChatServer:
         self.max_body_bytes, self.api_key, self.max_context = max_body_bytes, api_key, max_context
         self.default_system = default_system
         self.created = int(time.time())
-        self.fingerprint = f"gptcourse-{'chatml' if self.chatml else 'char'}"
 
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
