@@ -13,7 +13,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser unit notebooks html outputs bench bench-pinning bench-llama bench-serve clean
+.PHONY: book test install assets browser unit notebooks html outputs bench bench-pinning bench-llama clean
 
 book: install assets
 	$(JB)
@@ -79,5 +79,6 @@ bench-llama: install
 # The chat server (gptcourse.serve) with SmolLM2 under 1, 4 and 16 concurrent clients,
 # continuous batching vs one request at a time, side by side: tokens/s, p50/p95 latency
 # and time to first token (about 5 minutes on 2 busy cores).
+.PHONY: bench-serve
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serve.py
