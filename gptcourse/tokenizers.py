@@ -342,7 +342,10 @@ class PretrainedBPE:
         "smollm"  SmolLM2's: every digit on its own, then GPT-2's regex.
 
     encode(text) adds no special tokens of its own; a special token written
-    in the text is encoded as that token.
+    in the text is encoded as that token, unless allow_special=False: then
+    "<|im_start|>" in the text is plain characters, as it must be in anything
+    a user wrote (a server builds the template's special tokens itself, see
+    gptcourse.chat.encode_chatml).
     """
 
     PRE_TOKENIZERS = ("gpt2", "smollm")
@@ -415,11 +418,17 @@ class PretrainedBPE:
             self._cache[chunk] = ids
         return ids
 
-    def encode(self, text):
-        """str -> list of token ids (no BOS/EOS added)."""
+    def encode(self, text, allow_special=True):
+        """str -> list of token ids (no BOS/EOS added).
+
+        allow_special=True: a special token's text ("<|im_end|>") becomes that
+        token; False: it is encoded as ordinary text, character by character.
+        """
         _check_text(text)
+        if not isinstance(allow_special, bool):
+            raise ValueError(f"allow_special must be True or False, got {allow_special!r}")
         ids, start = [], 0
-        matches = self._special_re.finditer(text) if self._special_re else ()
+        matches = self._special_re.finditer(text) if self._special_re and allow_special else ()
         for m in matches:
             for chunk in self._chunks(text[start:m.start()]):
                 ids += self._bpe(chunk)
