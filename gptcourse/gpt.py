@@ -130,6 +130,23 @@ class Block(nn.Module):
         return x
 
 
+def check_forward_inputs(idx, targets, caches, block_size):
+    """The checks a language model's forward pass makes on its inputs (GPT and
+    gptcourse.llama.Llama): idx (B, T) token ids, targets None or idx's shape,
+    the cached positions plus T within block_size. Returns (T, past)."""
+    if idx.dim() != 2 or idx.dtype != torch.long:
+        raise ValueError(f"idx must be a (B, T) tensor of token ids (torch.long), "
+                         f"got shape {tuple(idx.shape)} and dtype {idx.dtype}")
+    T = idx.shape[1]
+    past = len(caches[0]) if caches is not None else 0
+    if past + T > block_size:
+        raise ValueError(f"context of {past + T} tokens is longer than block_size={block_size}")
+    if targets is not None and targets.shape != idx.shape:
+        raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    return T, past
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -163,17 +180,7 @@ class GPT(nn.Module):
         Returns (logits (B, T, V), loss or None); targets equal to -100 are
         ignored by the loss (as the masked-LM targets of gptcourse.bert are).
         """
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) tensor of token ids (torch.long), "
-                             f"got shape {tuple(idx.shape)} and dtype {idx.dtype}")
-        B, T = idx.shape
-        past = len(caches[0]) if caches is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"context of {past + T} tokens is longer than "
-                             f"block_size={self.config.block_size}")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
-                             f"got {tuple(targets.shape)}")
+        T, past = check_forward_inputs(idx, targets, caches, self.config.block_size)
         x = self.drop(self.wte(idx) + self.wpe(T, offset=past))                   # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache=None if caches is None else caches[i])

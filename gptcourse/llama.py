@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, causal_mask, scaled_dot_product_attention
-from .gpt import GPT
+from .gpt import GPT, check_forward_inputs
 
 
 @dataclass(frozen=True)
@@ -252,15 +252,7 @@ class Llama(nn.Module):
     def forward(self, idx, targets=None, caches=None):
         """idx: (B, T) token ids; targets: (B, T) or None (-100 = ignored);
         caches: one KVCache per block. Returns (logits (B, T, V) float32, loss)."""
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (B, T) tensor of token ids (torch.long), "
-                             f"got shape {tuple(idx.shape)} and dtype {idx.dtype}")
-        B, T = idx.shape
-        past = len(caches[0]) if caches is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"context of {past + T} tokens is longer than block_size={self.config.block_size}")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        T, past = check_forward_inputs(idx, targets, caches, self.config.block_size)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KVCache per block ({len(self.blocks)}), got {len(caches)}")
         positions = torch.arange(past, past + T, device=idx.device)

@@ -82,6 +82,16 @@ def _line_style(style):
     raise ValueError(f"a style must be a format string or a dict of keywords, got {style!r}")
 
 
+def _finish(ax, xlabel, ylabel, title, legend):
+    """Axis labels, title and legend: the last lines of every chart here."""
+    ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend()
+    return ax
+
+
 def plot_curves(x, series, ax=None, *, styles=None, xlabel=None, ylabel=None, title=None,
                 xscale=None, yscale=None, legend=True):
     """Several curves over the same x: one line per entry of `series`, in order.
@@ -118,12 +128,7 @@ def plot_curves(x, series, ax=None, *, styles=None, xlabel=None, ylabel=None, ti
         ax.set_xscale(xscale)
     if yscale:
         ax.set_yscale(yscale)
-    ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend()
-    return ax
+    return _finish(ax, xlabel, ylabel, title, legend)
 
 
 def grouped_bars(categories, series, ax=None, *, width=0.8, colors=None, xlabel=None,
@@ -165,12 +170,7 @@ def grouped_bars(categories, series, ax=None, *, width=0.8, colors=None, xlabel=
         if value_format:
             ax.bar_label(bars, [value_format.format(float(h)) for h in hs], fontsize=8)
     ax.set_xticks(centers.numpy(), categories)
-    ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
-    if title:
-        ax.set_title(title)
-    if legend:
-        ax.legend()
-    return ax
+    return _finish(ax, xlabel, ylabel, title, legend)
 
 
 def probability_bars(labels, probs, ax=None, *, title=None, ylim=(0, 1), highlight=None):
