@@ -206,6 +206,10 @@ def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256):
     for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime"):
         if os.path.exists(path):
             cmd += ["--ro-bind", path, path]
+    # the private /tmp first: a Python or virtual environment that lives under /tmp
+    # (a CI checkout, say) is then bound on top of it, not hidden by it
+    size = str(tmp_mb * 1024 * 1024)
+    cmd += ["--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/home/student"]
     for path in _python_binds():
         cmd += ["--ro-bind", path, path]
         package = os.path.join(path, "gptcourse")
@@ -216,9 +220,7 @@ def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256):
     for sp in site.getsitepackages():
         if os.path.isdir(os.path.join(sp, "gptcourse")):
             cmd += ["--tmpfs", os.path.join(sp, "gptcourse")]
-    size = str(tmp_mb * 1024 * 1024)
     cmd += ["--ro-bind", stub_dir, "/grader", "--proc", "/proc", "--dev", "/dev",
-            "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/home/student",
             "--chdir", "/home/student"]
     env = {"HOME": "/home/student", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "GPTCOURSE_OFFLINE": "1",
