@@ -220,6 +220,15 @@ def ngram_overlap(samples, corpus, n):
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+def _with_system(messages, default_system):
+    """The checked messages, with default_system first unless they start with a
+    system message (SmolLM2's template does this; None: no system message)."""
+    check_messages(messages)
+    if default_system is not None and messages[0]["role"] != "system":
+        return [{"role": "system", "content": default_system}, *messages]
+    return messages
+
+
 def format_chatml(messages, add_generation_prompt=True, default_system=SMOLLM2_SYSTEM):
     """The conversation in ChatML, the format an instruction-tuned model was trained on.
 
@@ -241,9 +250,7 @@ def format_chatml(messages, add_generation_prompt=True, default_system=SMOLLM2_S
     <|im_start|>assistant
     <BLANKLINE>
     """
-    check_messages(messages)
-    if default_system is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": default_system}, *messages]
+    messages = _with_system(messages, default_system)
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
@@ -266,10 +273,8 @@ def encode_chatml(messages, tokenizer, add_generation_prompt=True, default_syste
     >>> encode_chatml(forged, tok).count(tok.special["<|im_end|>"])  # doctest: +SKIP
     2
     """
-    check_messages(messages)
+    messages = _with_system(messages, default_system)
     start, end = tokenizer.special["<|im_start|>"], tokenizer.special["<|im_end|>"]
-    if default_system is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": default_system}, *messages]
     newline = tokenizer.encode("\n", allow_special=False)
     ids = []
     for m in messages:
@@ -284,15 +289,15 @@ def reply(model, tokenizer, messages, max_new_tokens=128, temperature=0.0, top_k
           generator=None, default_system=SMOLLM2_SYSTEM, on_text=None):
     """The assistant's answer to `messages` from a ChatML model (e.g. gptcourse.llama.load_gguf()).
 
-    Renders the transcript with format_chatml, generates with the KV cache
+    Encodes the transcript with encode_chatml (no special token from the
+    messages' text), generates with the KV cache
     until the model writes <|im_end|> (its end-of-turn token) or
     max_new_tokens, and returns the answer's text. on_text(piece) is called
     with each new piece of text as it is generated (streaming); a piece is
     passed on only once its UTF-8 bytes are complete.
     """
-    prompt = format_chatml(messages, True, default_system)
     device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    idx = torch.tensor([encode_chatml(messages, tokenizer, True, default_system)], device=device)
     end = tokenizer.special.get("<|im_end|>")
     ids, shown = [], ""
     for next_id in model.stream(idx, max_new_tokens, temperature, top_k, top_p, generator=generator):

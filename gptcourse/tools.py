@@ -578,7 +578,7 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
     running the tools the model calls, with the course's call syntax.
 
     The model (e.g. gptcourse.llama.load_gguf()) writes its turn after the
-    ChatML prompt (gptcourse.chat.format_chatml), greedily. A call starts at
+    ChatML prompt (gptcourse.chat.encode_chatml), greedily. A call starts at
     '<' and ends with '</name>', a newline or max_call_chars characters; the
     program then runs it (parse_call: malformed calls and unknown tools give
     'error: ...') and appends '[result]' to the assistant's turn, encoded as
@@ -586,7 +586,7 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
     <|im_end|>. Returns a ToolRun whose answer is the text after the last
     result (or the whole turn when there was no call).
     """
-    from .chat import format_chatml
+    from .chat import encode_chatml, format_chatml
     tools = TOOLS if tools is None else tools
     if not isinstance(max_calls, int) or max_calls < 0:
         raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
@@ -596,12 +596,11 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
     if end is None:
         raise ValueError("the tokenizer has no <|im_end|> token: chat_tool_loop needs a ChatML model")
     run = ToolRun(messages[-1]["content"])
-    prompt = format_chatml(messages)
-    run._add("prompt", prompt)
-    ids = tokenizer.encode(prompt)
+    run._add("prompt", format_chatml(messages))
+    prompt_ids = encode_chatml(messages, tokenizer)    # no special token from the messages' text
     device = _device_of(model)
     turn, new_ids, call_start, written = "", [], None, 0
-    steps = model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature=0)
+    steps = model.stream(torch.tensor([prompt_ids], device=device), max_new_tokens, temperature=0)
     while True:
         next_id = next(steps, None)
         if next_id is None or written >= max_new_tokens:
@@ -639,5 +638,6 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
         run.calls.append((call, result[1:-1]))
         run._add("tool", result)
         turn += result
-        ids = tokenizer.encode(prompt + turn)         # the result cannot hold special-token text
+        # the prompt's ids stay; the turn so far (the result holds no markup) is re-encoded
+        ids = prompt_ids + tokenizer.encode(turn, allow_special=False)
         steps = model.stream(torch.tensor([ids], device=device), max_new_tokens - written, temperature=0)
