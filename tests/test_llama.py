@@ -90,7 +90,7 @@ def test_grouped_query_attention_equals_heads_written_out():
     """Each query head h attends with key/value head h // group, causally; the
     fused and the explicit path agree; a KV cache gives the same outputs."""
     torch.manual_seed(4)
-    gqa = GroupedQueryAttention(24, 6, 2, rope_base=10000.0)
+    gqa = GroupedQueryAttention(24, 6, 2)
     x = torch.randn(2, 5, 24)
     angles = rope_angles(torch.arange(5), 4)
     out = gqa(x, angles)
