@@ -8,22 +8,34 @@ though: *continuous batching* (Yu et al. 2022, "Orca"; vLLM, llama.cpp's
 server) lets a sequence join the running batch between two steps and leave
 it as soon as it is done, instead of waiting for the whole batch.
 
-The sequences of a batch have different lengths. Two ways to decode them in
-one pass, one per model family of the course:
+A step is one forward pass over a *ragged* batch: every row brings its own
+number of new tokens. A decoding row brings 1 (its newest token); a row
+whose prompt is being read brings a piece of the prompt (*chunked prefill*,
+Agrawal et al. 2024, "Sarathi-Serve"; vLLM's scheduler). A token budget per
+step (`max_step_tokens`) bounds how long one step takes, so a long prompt
+arriving never freezes the answers already streaming, and new prompts are
+read together, with one pass over the weights for all of them.
 
-* `RaggedKVCache` + `llama_decode_step` (gptcourse.llama, rotary positions):
-  each sequence is a row of one key/value buffer per layer, with its own
-  length; row r's new token sits at position lengths[r] (its rotary angle)
-  and attends to keys 0 .. lengths[r] only (a padding mask). A new sequence
-  is prefilled alone by the model's own forward pass, then copied in.
+The sequences of a batch have different lengths. Two ways to run a step,
+one per model family of the course:
+
+* `RaggedKVCache` + `llama_step` (gptcourse.llama, rotary positions): each
+  sequence is a row of one key/value buffer per layer, with its own length.
+  All new tokens of all rows go through the linear layers as one (N, C)
+  matrix; attention is per row (row r's tokens sit at positions lengths[r],
+  lengths[r] + 1, ... and see the row's keys up to themselves).
+  `PrefixCache` keeps the keys and values of recent conversations, so a
+  prompt that starts like one of them (the same system message, the same
+  conversation so far) is read only from where it differs.
 * `window_step` (gptcourse.gpt, learned positions, a short context): every
   step recomputes each sequence's last block_size tokens, right-padded to
   one length; causal attention means padding after a sequence's last token
   never reaches it. No cache, exactly the model's own forward pass.
 
-`Engine` runs the loop in a thread: admit waiting sequences, one step for
-every active one, hand each its token, drop those that finished or whose
-client left. The greedy tokens are those of one-at-a-time decoding
+`Engine` runs the loop in a thread: plan a step within the token budget
+(decoding rows first, then prompts in order of arrival), run it, hand each
+finished prompt or decoding row its token, drop those that finished or
+whose client left. The greedy tokens are those of one-at-a-time decoding
 (tests/test_batching.py checks it).
 """
 import codecs
@@ -34,7 +46,6 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .attention import KVCache
 from .sampling import sample_next
 
 MIN_TEMPERATURE = 1e-5       # below this, sampling is greedy (1e-38 would overflow to NaN)
@@ -81,14 +92,20 @@ class RaggedKVCache:
                 grown[:, :, :old.shape[2]] = old
                 cache[i] = grown
 
-    def put(self, row, caches):
-        """Copy one sequence's per-layer KVCache (batch 1) into `row`."""
-        length = len(caches[0])
+    def put(self, row, k, v):
+        """Fill `row` with one sequence's keys and values: k[i], v[i] (H_kv, T, d) per layer."""
+        length = k[0].shape[1]
         self.reserve(length)
-        for i, cache in enumerate(caches):
-            self.k[i][row, :, :length] = cache.k[0]
-            self.v[i][row, :, :length] = cache.v[0]
+        for i in range(self.n_layer):
+            self.k[i][row, :, :length] = k[i]
+            self.v[i][row, :, :length] = v[i]
         self.lengths[row] = length
+
+    def get(self, row):
+        """Copies of row's keys and values: two lists of (H_kv, lengths[row], d), one per layer."""
+        length = int(self.lengths[row])
+        return ([layer[row, :, :length].clone() for layer in self.k],
+                [layer[row, :, :length].clone() for layer in self.v])
 
     def move(self, src, dst):
         """Copy row src to row dst (to keep the active rows packed)."""
@@ -100,47 +117,89 @@ class RaggedKVCache:
 
 
 @torch.no_grad()
-def llama_decode_step(model, last_ids, cache):
-    """One decoding step of a gptcourse.llama.Llama for rows 0 .. n-1 of `cache`.
+def llama_step(model, chunks, cache):
+    """One forward pass of a gptcourse.llama.Llama over rows 0 .. n-1 of `cache`.
 
-    last_ids: (n,) the newest token of each row, not yet in the cache.
-    Returns logits (n, V), float32, and appends each row's keys/values at its
-    own position. The computation of Llama.forward with T=1, but with one
-    position and one key length per row: grouped-query attention with a
-    padding mask instead of a shared causal mask.
+    chunks: n lists of token ids, row r's new tokens: 1 for a decoding row,
+    a piece of the prompt for a row being prefilled, none for a row that
+    waits this step. Row r's tokens take positions lengths[r], lengths[r] + 1,
+    ... (their rotary angles); their keys and values are appended to the row.
+    Returns logits (n, V), float32, at each row's last new token (zeros for
+    a row without tokens).
+
+    The computation of Llama.forward with a KVCache per row, rearranged so
+    that the weights are read once: the N new tokens of all rows go through
+    every linear layer as one (N, C) matrix. Only attention is per row: the
+    one-token rows together (one query each, a padding mask over the keys),
+    each longer chunk alone (causal, shifted by the row's past).
     """
     from .llama import apply_rope, rope_angles
-    n = last_ids.shape[0]
-    if last_ids.dim() != 1 or not 1 <= n <= cache.rows:
-        raise ValueError(f"last_ids must be (n,) with 1 <= n <= {cache.rows}, got {tuple(last_ids.shape)}")
-    config = model.config
-    positions = cache.lengths[:n]                                                  # (n,)
-    cache.reserve(int(positions.max()) + 1)
-    T_k = int(positions.max()) + 1
-    angles = rope_angles(positions, config.head_size, config.rope_base)[:, None, None, :]   # (n, 1, 1, d/2)
-    keys = torch.arange(T_k, device=last_ids.device)
-    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]                 # (n, 1, 1, T_k)
-    rows = torch.arange(n, device=last_ids.device)
-    x = model.wte(last_ids[:, None])                                               # (n, 1, C)
+    n = len(chunks)
+    if not 1 <= n <= cache.rows:
+        raise ValueError(f"need chunks for 1 .. {cache.rows} rows, got {n}")
+    sizes = [len(c) for c in chunks]
+    N = sum(sizes)
+    if N == 0:
+        raise ValueError("the step has no tokens: every chunk is empty")
+    config, device = model.config, cache.lengths.device
+    H, H_kv, d = config.n_head, config.n_kv_head, config.head_size
+    group = H // H_kv
+    sizes_t = torch.tensor(sizes, device=device)
+    starts = cache.lengths[:n].clone()                                             # (n,) each row's past
+    ends = starts + sizes_t                                                        # (n,)
+    cache.reserve(int(ends.max()))
+    first = torch.cumsum(sizes_t, 0) - sizes_t                                     # (n,) row r's first token in x
+    row_of = torch.repeat_interleave(torch.arange(n, device=device), sizes_t)      # (N,)
+    positions = starts[row_of] + torch.arange(N, device=device) - first[row_of]    # (N,)
+    angles = rope_angles(positions, d, config.rope_base)                          # (N, d/2)
+
+    singles = [r for r in range(n) if sizes[r] == 1]                               # decoding rows
+    longs = [(r, int(first[r]), sizes[r], int(starts[r])) for r in range(n) if sizes[r] > 1]
+    if singles:
+        s_rows = torch.tensor(singles, device=device)
+        s_tok = first[s_rows]                                                      # their token in x
+        T_s = int(ends[s_rows].max())
+        keys = torch.arange(T_s, device=device)
+        see = torch.ones(n, dtype=torch.long, device=device)                       # other rows: key 0 only
+        see[s_rows] = ends[s_rows]
+        s_mask = (keys[None, :] < see[:, None])[:, None, None, :]                  # (n, 1, 1, T_s)
+
+    x = model.wte(torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=device))   # (N, C)
     for i, block in enumerate(model.blocks):
         attn = block.attn
-        H, H_kv, d = attn.n_head, attn.n_kv_head, attn.d
         h = block.rms_1(x)
-        q = attn.w_q(h).view(n, 1, H, d).transpose(1, 2)                           # (n, H, 1, d)
-        k = attn.w_k(h).view(n, 1, H_kv, d).transpose(1, 2)                        # (n, H_kv, 1, d)
-        v = attn.w_v(h).view(n, 1, H_kv, d).transpose(1, 2)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
-        cache.k[i][rows, :, positions] = k[:, :, 0]                                # row r at lengths[r]
-        cache.v[i][rows, :, positions] = v[:, :, 0]
-        K, V = cache.k[i][:n, :, :T_k], cache.v[i][:n, :, :T_k]                    # (n, H_kv, T_k, d)
-        # query head h reads key/value head h // group: fold each group's queries
-        # into the query axis instead of repeating K and V (no copy)
-        q = q.reshape(n, H_kv, H // H_kv, d)                                       # (n, H_kv, group, d)
-        out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)              # (n, H_kv, group, d)
-        x = x + attn.w_o(out.reshape(n, 1, H * d))
+        q = apply_rope(attn.w_q(h).view(N, H, d).transpose(0, 1), angles)          # (H, N, d)
+        k = apply_rope(attn.w_k(h).view(N, H_kv, d).transpose(0, 1), angles)       # (H_kv, N, d)
+        v = attn.w_v(h).view(N, H_kv, d)                                           # (N, H_kv, d)
+        cache.k[i][row_of, :, positions] = k.transpose(0, 1)                       # token j at its row, position
+        cache.v[i][row_of, :, positions] = v
+        out = q.new_empty(H, N, d)
+        if singles:
+            # every row of the cache's first n as a batch, one query each (rows not
+            # decoding get a dummy query whose answer is dropped): a view, no copy.
+            # Query head h reads key/value head h // group: fold each group's
+            # queries into the query axis instead of repeating K and V.
+            q1 = q.new_zeros(n, H, d)
+            q1[s_rows] = q[:, s_tok].transpose(0, 1)
+            K, V = cache.k[i][:n, :, :T_s], cache.v[i][:n, :, :T_s]                # (n, H_kv, T_s, d)
+            o1 = F.scaled_dot_product_attention(q1.view(n, H_kv, group, d), K, V, attn_mask=s_mask)
+            out[:, s_tok] = o1.reshape(n, H, d)[s_rows].transpose(0, 1)
+        for r, at, size, past in longs:
+            # a piece of a prompt: causal, after the row's `past` cached positions
+            qr = q[:, at:at + size].reshape(H_kv, group * size, d)                 # (H_kv, group*size, d)
+            K, V = cache.k[i][r, :, :past + size], cache.v[i][r, :, :past + size]  # (H_kv, T_k, d)
+            mask = (torch.arange(past + size, device=device)[None, :]
+                    <= past + torch.arange(size, device=device)[:, None])          # (size, T_k)
+            o = F.scaled_dot_product_attention(qr, K, V, attn_mask=mask.repeat(group, 1))
+            out[:, at:at + size] = o.view(H, size, d)
+        x = x + attn.w_o(out.transpose(0, 1).reshape(N, H * d))
         x = x + block.mlp(block.rms_2(x))
-    cache.lengths[:n] += 1
-    return model.lm_head(model.rms_f(x)).float()[:, 0]                             # (n, V)
+    cache.lengths[:n] = ends
+    logits = x.new_zeros(n, config.vocab_size, dtype=torch.float32)
+    has = torch.tensor([r for r in range(n) if sizes[r]], device=device)
+    last = first[has] + sizes_t[has] - 1                                           # each row's last token
+    logits[has] = model.lm_head(model.rms_f(x[last])).float()                      # (n, V)
+    return logits
 
 
 @torch.no_grad()
@@ -165,65 +224,102 @@ def window_step(model, windows):
 
 
 # ----------------------------------------------------------------------------
+# Prefix caching: a new prompt starts where a recent one left off
+# ----------------------------------------------------------------------------
+
+class PrefixCache:
+    """Keys and values of recent token sequences, at most max_tokens in all.
+
+    add(ids, k, v) keeps a sequence (k[i], v[i]: (H_kv, len(ids), d) per
+    layer); longest(ids) -> (length, entry): the entry sharing the longest
+    beginning with ids. A follow-up question starts with the whole earlier
+    conversation, and every request without its own system message starts
+    with the default one, so most of a chat prompt is usually found here.
+    The least recently used entries go first when room is needed; an entry
+    that another one continues is dropped (the longer one covers it).
+    """
+
+    def __init__(self, max_tokens=4096):
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self.entries = []                 # (ids (T,) long, k, v), most recently used last
+        self.tokens = 0
+
+    @staticmethod
+    def _common(a, b):
+        m = min(len(a), len(b))
+        differ = torch.nonzero(a[:m] != b[:m])
+        return int(differ[0]) if len(differ) else m
+
+    def longest(self, ids):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        best, at = 0, None
+        for i, e in enumerate(self.entries):
+            same = self._common(ids, e[0])
+            if same > best:
+                best, at = same, i
+        if at is None:
+            return 0, None
+        entry = self.entries.pop(at)                           # used: now the most recent
+        self.entries.append(entry)
+        return best, entry
+
+    def add(self, ids, k, v):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if not 0 < len(ids) <= self.max_tokens:
+            return
+        kept = []
+        for e in self.entries:
+            if len(e[0]) <= len(ids) and self._common(ids, e[0]) == len(e[0]):
+                self.tokens -= len(e[0])                        # the new one continues it
+            else:
+                kept.append(e)
+        self.entries = kept + [(ids, k, v)]
+        self.tokens += len(ids)
+        while self.tokens > self.max_tokens:
+            self.tokens -= len(self.entries.pop(0)[0])
+
+
+# ----------------------------------------------------------------------------
 # The two ways of keeping a batch, behind one small interface
 # ----------------------------------------------------------------------------
 
-@torch.no_grad()
-def llama_prefill(model, ids, caches):
-    """Llama.forward on one prompt (1, T) after the len(caches[0]) positions
-    already cached, but the output layer only at the last position (the
-    only one generation needs: 49,152 x 576 multiply-adds per token saved).
-    Returns the last position's logits (V,), float32."""
-    from .llama import rope_angles
-    past = len(caches[0])
-    positions = torch.arange(past, past + ids.shape[1], device=ids.device)
-    angles = rope_angles(positions, model.config.head_size, model.config.rope_base)
-    x = model.wte(ids)                                                             # (1, T, C)
-    for block, cache in zip(model.blocks, caches):
-        x = block(x, angles, cache=cache)
-    return model.lm_head(model.rms_f(x[0, -1])).float()                            # (V,)
-
-
 class LlamaBatch:
-    """Rows of a RaggedKVCache: add(row, prompt) -> logits (V,); step(ids) -> (n, V).
+    """Rows of a RaggedKVCache.
 
-    Prefix caching: the keys and values of the last prompt are kept, and a
-    new prompt starting with the same tokens (the same system message, the
-    same conversation so far) reuses them: only the rest is computed.
+    start(row, prompt) -> the prompt's tokens still to be read (the rest comes
+    from the prefix cache); step(chunks) -> logits (n, V); remember(row, ids):
+    keep the row's keys and values (ids: the tokens in it) for later prompts.
     """
 
-    def __init__(self, model, rows, max_length):
+    def __init__(self, model, rows, max_length, prefix_tokens=4096):
         c = model.config
         p = next(model.parameters())
         self.model = model
         self.max_length = min(max_length, c.block_size)
         self.cache = RaggedKVCache(c.n_layer, rows, c.n_kv_head, c.head_size, self.max_length,
                                    dtype=p.dtype, device=p.device)
-        self.last_prompt, self.last_caches = [], None
+        self.prefixes = PrefixCache(prefix_tokens)
         self.reused = 0                               # prompt tokens not recomputed, in all
 
-    def add(self, row, prompt_ids):
-        device = self.cache.lengths.device
-        if len(prompt_ids) > self.max_length:
-            raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit max_length={self.max_length}")
-        same = 0                                      # common prefix, leaving >= 1 token to compute
-        for a, b in zip(prompt_ids[:len(prompt_ids) - 1], self.last_prompt):
-            if a != b:
-                break
-            same += 1
-        caches = [KVCache() for _ in self.model.blocks]
+    def start(self, row, prompt_ids):
+        if not 1 <= len(prompt_ids) <= self.max_length:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit 1 .. max_length={self.max_length}")
+        same, entry = self.prefixes.longest(prompt_ids[:-1])      # leave >= 1 token to compute
         if same:
-            for cache, old in zip(caches, self.last_caches):
-                cache.update(old.k[:, :, :same], old.v[:, :, :same])
-            self.reused += same
-        logits = llama_prefill(self.model, torch.tensor([prompt_ids[same:]], device=device), caches)
-        self.cache.put(row, caches)
-        self.last_prompt, self.last_caches = list(prompt_ids), caches
-        return logits
+            self.cache.put(row, [k[:, :same] for k in entry[1]], [v[:, :same] for v in entry[2]])
+        self.cache.lengths[row] = same
+        self.reused += same
+        return list(prompt_ids[same:])
 
-    def step(self, last_ids):
-        ids = torch.tensor(last_ids, dtype=torch.long, device=self.cache.lengths.device)
-        return llama_decode_step(self.model, ids, self.cache)
+    def step(self, chunks):
+        return llama_step(self.model, chunks, self.cache)
+
+    def remember(self, row, ids):
+        if len(ids) != int(self.cache.lengths[row]):
+            raise ValueError(f"row {row} holds {int(self.cache.lengths[row])} positions, not {len(ids)}")
+        self.prefixes.add(ids, *self.cache.get(row))
 
     def move(self, src, dst):
         self.cache.move(src, dst)
@@ -239,14 +335,22 @@ class WindowBatch:
         self.model, self.block_size = model, model.config.block_size
         self.windows = [None] * rows
 
-    def add(self, row, prompt_ids):
-        self.windows[row] = list(prompt_ids[-self.block_size:])
-        return window_step(self.model, [self.windows[row]])[0]
+    def start(self, row, prompt_ids):
+        """The window ends before the prompt's last token, which the first step brings."""
+        self.windows[row] = list(prompt_ids[:-1])
+        return [prompt_ids[-1]]
 
-    def step(self, last_ids):
-        for row, token in enumerate(last_ids):
-            self.windows[row] = (self.windows[row] + [token])[-self.block_size:]
-        return window_step(self.model, self.windows[:len(last_ids)])
+    def step(self, chunks):
+        rows = [r for r, chunk in enumerate(chunks) if chunk]
+        for r in rows:
+            self.windows[r] = (self.windows[r] + list(chunks[r]))[-self.block_size:]
+        logits = window_step(self.model, [self.windows[r] for r in rows])
+        out = logits.new_zeros(len(chunks), logits.shape[1])
+        out[rows] = logits
+        return out
+
+    def remember(self, row, ids):
+        pass                               # nothing cached: every step recomputes the window
 
     def move(self, src, dst):
         self.windows[dst] = self.windows[src]
@@ -255,10 +359,12 @@ class WindowBatch:
         return True                    # the window slides: any length goes
 
 
-def make_batch(model, rows, max_length):
+def make_batch(model, rows, max_length, prefix_tokens=4096):
     """LlamaBatch for a model with rotary positions (gptcourse.llama), else WindowBatch."""
     from .llama import Llama
-    return (LlamaBatch if isinstance(model, Llama) else WindowBatch)(model, rows, max_length)
+    if isinstance(model, Llama):
+        return LlamaBatch(model, rows, max_length, prefix_tokens)
+    return WindowBatch(model, rows, max_length)
 
 
 # ----------------------------------------------------------------------------
@@ -364,6 +470,8 @@ class Sequence:
         self.logit_bias = logit_bias or {}
         self.cancelled = False          # set from another thread: the client left
         self.done = False
+        self.failed = False
+        self.todo = []                  # prompt tokens not read yet (set by the engine)
         self.tokens = []                # every generated id
         self.last = None
 
@@ -378,27 +486,41 @@ class Sequence:
 class Engine:
     """Continuous batching in a background thread.
 
-    submit(seq) queues a Sequence; between two steps, waiting sequences are
-    prefilled (each alone) and join the batch while there are fewer than
-    max_batch; every step then decodes all of them in one forward pass.
-    A sequence leaves at its end, on cancel() (checked every step), or on an
-    error, which reaches only the sequences it concerns. max_batch=1 decodes
-    one request at a time, in arrival order.
+    submit(seq) queues a Sequence. Every step is planned within a budget of
+    max_step_tokens new tokens: each decoding sequence brings its newest
+    token, then the prompts being read bring their next pieces, in order of
+    arrival, then waiting sequences join (while fewer than max_batch are
+    active) with the first piece of their prompt. The step is one forward
+    pass; a prompt read to its end, and every decoding sequence, gets its
+    next token. A sequence leaves at its end, on cancel() (checked every
+    step), or on an error, which reaches only the sequences it concerns.
+    max_batch=1 decodes one request at a time, in arrival order.
 
-    stats: steps (decoding steps), batch_tokens (tokens decoded by them),
-    max_batch_seen (the most sequences in one step), prefills.
+    A smaller budget keeps each step short (the tokens of the sequences
+    already answering keep coming while a long prompt is read); a larger
+    one reads more prompts per pass over the weights.
+
+    stats: steps; batch_tokens (tokens sampled by the steps: more than one
+    per step means sequences shared the passes); max_batch_seen (the most
+    sequences in one step); prefills (sequences admitted); prompt_tokens
+    (prompt tokens computed); reused_tokens (prompt tokens found in the
+    prefix cache instead).
     """
 
-    def __init__(self, model, tokenizer, max_batch=16, max_length=2048):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    def __init__(self, model, tokenizer, max_batch=16, max_length=2048, max_step_tokens=256,
+                 prefix_tokens=4096):
+        for name, value in (("max_batch", max_batch), ("max_step_tokens", max_step_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
-        self.batch = make_batch(model, max_batch, max_length)
+        self.max_step_tokens = max_step_tokens
+        self.batch = make_batch(model, max_batch, max_length, prefix_tokens)
         self.device = next(model.parameters()).device
         self.active = []                # row r of the batch is active[r]
         self.waiting = collections.deque()
         self.cond = threading.Condition()
-        self.stats = dict(steps=0, batch_tokens=0, max_batch_seen=0, prefills=0)
+        self.stats = dict(steps=0, batch_tokens=0, max_batch_seen=0, prefills=0, prompt_tokens=0,
+                          reused_tokens=0)
         self._stopping = False
         self._threads = torch.get_num_threads()      # a new thread starts with the default
         self._thread = threading.Thread(target=self._run, name="gptcourse.batching.Engine", daemon=True)
@@ -439,25 +561,42 @@ class Engine:
                         self.cond.wait()
                     if self._stopping:
                         return
-                    joining = []
-                    while self.waiting and len(self.active) + len(joining) < self.max_batch:
-                        joining.append(self.waiting.popleft())
-                for seq in joining:
-                    self._admit(seq)
                 self._drop_finished()
-                if self.active:
-                    self._step()
-                    self._drop_finished()
+                chunks = self._plan()
+                if any(chunks):
+                    self._step(chunks)
+
+    def _plan(self):
+        """This step's new tokens, one list per active row (admitting waiting sequences)."""
+        chunks = [[] if seq.todo else [seq.last] for seq in self.active]
+        budget = self.max_step_tokens - sum(map(len, chunks))
+        least = 1                                             # a prompt moves on every step
+        reading = sorted((seq.admitted, r) for r, seq in enumerate(self.active) if seq.todo)
+        for _, r in reading:                                  # prompts being read, oldest first
+            chunks[r] = self.active[r].todo[:max(budget, least)]
+            budget -= len(chunks[r])
+            least = 0
+        while budget > 0 and len(self.active) < self.max_batch:
+            with self.cond:
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+            if self._admit(seq):
+                chunks.append(seq.todo[:budget])
+                budget -= len(chunks[-1])
+        return chunks
 
     def _admit(self, seq):
+        """Give seq the next free row; its todo: the prompt tokens to read."""
         if seq.cancelled:
             seq.done = True
-            return
+            return False
         try:
             row = len(self.active)
-            logits = self.batch.add(row, seq.prompt_ids)
+            seq.todo = self.batch.start(row, seq.prompt_ids)
+            seq.admitted = self.stats["prefills"]
             self.stats["prefills"] += 1
-            self.active.append(seq)
+            self.stats["reused_tokens"] += len(seq.prompt_ids) - len(seq.todo)
             seq.generator = None
             if not seq.greedy:
                 seed = seq.seed if seq.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
@@ -465,36 +604,49 @@ class Engine:
             seq.text, seq.sent, seq.entries, seq.entries_sent = "", 0, [], 0
             seq.stops, seq.decoder = StopMatcher(seq.stop_strings), TextDecoder(self.tokenizer)
             seq.counts = None
-            self._take(seq, logits)
         except Exception as e:                        # noqa: BLE001 -- one request's failure
-            if seq in self.active:
-                self.active.remove(seq)
             self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+            return False
+        self.active.append(seq)
+        return True
 
-    def _step(self):
-        n = len(self.active)
+    def _step(self, chunks):
         try:
-            logits = self.batch.step([seq.last for seq in self.active])              # (n, V)
+            logits = self.batch.step(chunks)                                       # (n, V)
         except Exception as e:                        # noqa: BLE001 -- fails this batch only
             for seq in self.active:
                 self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
-            self.active = []
             return
         self.stats["steps"] += 1
-        self.stats["batch_tokens"] += n
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], n)
-        for seq, row in zip(self.active, logits):
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], sum(1 for c in chunks if c))
+        for row, (seq, chunk) in enumerate(zip(self.active, chunks)):
+            if not chunk:
+                continue
             try:
-                self._take(seq, row)
+                if seq.todo:                                   # a piece of the prompt was read
+                    self.stats["prompt_tokens"] += len(chunk)
+                    seq.todo = seq.todo[len(chunk):]
+                    if seq.todo:
+                        continue
+                    self.batch.remember(row, seq.prompt_ids)   # the whole prompt is in the row
+                self.stats["batch_tokens"] += 1
+                self._take(seq, logits[row])
             except Exception as e:                    # noqa: BLE001
                 self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
 
     def _drop_finished(self):
-        """Remove finished and cancelled rows, moving the last row into each gap."""
+        """Remove finished and cancelled rows (their conversations go to the prefix
+        cache), moving the last row into each gap."""
         r = 0
         while r < len(self.active):
             seq = self.active[r]
             if seq.done or seq.cancelled:
+                if not seq.failed and not seq.todo:
+                    ids = (seq.prompt_ids + seq.tokens)[:len(seq.prompt_ids) + len(seq.tokens) - 1]
+                    try:
+                        self.batch.remember(r, ids)    # the prompt and the answer, but its last token
+                    except Exception:                   # noqa: BLE001 -- a cache miss later, no more
+                        pass
                 seq.done = True
                 last = len(self.active) - 1
                 self.batch.move(last, r)
@@ -504,6 +656,7 @@ class Engine:
                 r += 1
 
     def _fail(self, seq, message):
+        seq.failed = True
         if not seq.done:
             seq.done = True
             seq.on_event("error", message)

@@ -741,6 +741,7 @@ class ChatServer:
     def __init__(self, model, tokenizer, host="127.0.0.1", port=0, model_name=None, api_key=None,
                  max_tokens_cap=MAX_TOKENS_CAP, default_max_tokens=DEFAULT_MAX_TOKENS,
                  max_body_bytes=MAX_BODY_BYTES, max_batch=16, max_context=MAX_CONTEXT,
+                 max_step_tokens=256, prefix_cache_tokens=4096,
                  request_timeout=30.0, max_connections=256, default_system=SMOLLM2_SYSTEM,
                  log_requests=False):
         from .llama import Llama
@@ -764,6 +765,7 @@ class ChatServer:
             raise ValueError(f"model_name must be a non-empty string without '/', got {model_name!r}")
         for name, value in (("max_tokens_cap", max_tokens_cap), ("max_body_bytes", max_body_bytes),
                             ("default_max_tokens", default_max_tokens), ("max_batch", max_batch),
+                            ("max_step_tokens", max_step_tokens),
                             ("max_context", max_context), ("max_connections", max_connections)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -792,7 +794,11 @@ class ChatServer:
         self.url = f"http://{shown}:{self.port}"
         self._allowed_hosts = {"127.0.0.1", "localhost", "::1", "[::1]", self.host.lower(), shown.lower()}
 
-        self.engine = Engine(model, tokenizer, max_batch=max_batch,
+        if not isinstance(prefix_cache_tokens, int) or isinstance(prefix_cache_tokens, bool) \
+                or prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be an integer >= 0, got {prefix_cache_tokens!r}")
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_step_tokens=max_step_tokens,
+                             prefix_tokens=prefix_cache_tokens,
                              max_length=max_context if self.chatml else 1 << 30)
         protocol = type("DeadlineProtocol", (_DeadlineProtocol,),
                         {"request_timeout": float(request_timeout), "max_connections": max_connections})
@@ -932,7 +938,11 @@ def serve(model, tokenizer, host="127.0.0.1", port=0, **options):
     port=0 lets the operating system pick a free port (see .port / .url).
     options: model_name ("smollm2-135m-instruct" or "gptcourse-char"),
     api_key (None: no authentication, loopback only), max_batch (16
-    sequences decoded together; 1: one at a time), max_tokens_cap (1024),
+    sequences decoded together; 1: one at a time), max_step_tokens (256 new
+    tokens per forward pass: a prompt longer than what is left of it is read
+    in pieces), prefix_cache_tokens (4096: keys and values of recent
+    conversations kept for prompts that start the same way; 0: none),
+    max_tokens_cap (1024),
     default_max_tokens (256), max_context (2048 tokens, the real model),
     max_body_bytes (1 MiB), request_timeout (30 s to send a whole request),
     max_connections (256), default_system (SmolLM2's system prompt),
@@ -1015,6 +1025,12 @@ def main(argv=None):
                                           "prefer --api-key-file or $GPTCOURSE_API_KEY)")
     parser.add_argument("--max-batch", type=int, default=16,
                         help="sequences decoded together (default 16; 1: one request at a time)")
+    parser.add_argument("--max-step-tokens", type=int, default=256,
+                        help="new tokens per forward pass, prompts and answers together; a longer prompt is "
+                             "read in pieces, so the answers in progress keep coming (default 256)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                        help="tokens of recent conversations whose keys and values are kept, so a prompt "
+                             "that starts the same way is read only from where it differs (default 4096; 0: off)")
     parser.add_argument("--max-tokens-cap", type=int, default=MAX_TOKENS_CAP,
                         help=f"the most tokens one request may ask for (default {MAX_TOKENS_CAP})")
     parser.add_argument("--max-context", type=int, default=MAX_CONTEXT,
@@ -1030,9 +1046,12 @@ def main(argv=None):
                         format="%(asctime)s %(message)s")
     from .train import pick_device
 
+    for flag, value, least in (("--threads", args.threads, 1), ("--max-batch", args.max_batch, 1),
+                               ("--max-step-tokens", args.max_step_tokens, 1),
+                               ("--prefix-cache-tokens", args.prefix_cache_tokens, 0)):
+        if value is not None and value < least:
+            parser.exit(2, f"error: {flag} must be an integer >= {least}, got {value}\n")
     if args.threads is not None:
-        if args.threads < 1:
-            parser.exit(2, f"error: --threads must be a positive integer, got {args.threads}\n")
         torch.set_num_threads(args.threads)
     if args.train_char:
         from .chat import train_course_model
@@ -1063,6 +1082,7 @@ def main(argv=None):
     try:
         server = serve(model, tokenizer, args.host, args.port, model_name=args.model_name, api_key=api_key,
                        max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
+                       max_step_tokens=args.max_step_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
                        max_context=args.max_context, log_requests=args.verbose)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gptcourse.attention import KVCache
-from gptcourse.batching import (Engine, LlamaBatch, RaggedKVCache, Sequence, StopMatcher, llama_decode_step,
+from gptcourse.batching import (Engine, LlamaBatch, PrefixCache, RaggedKVCache, Sequence, StopMatcher, llama_step,
                                 window_step)
 from gptcourse.gpt import GPT, GPTConfig
 from gptcourse.llama import Llama, LlamaConfig
@@ -26,37 +26,83 @@ def tiny_llama():
     return Llama(config).eval()
 
 
-def test_ragged_decode_step_equals_the_models_forward(tiny_llama):
-    """Three rows of different lengths, one step: each row's logits and cache as
-    if the row were alone (Llama.forward with its own KVCache)."""
+def _cached(model, tokens):
+    """Keys and values of tokens by the model's own forward pass: two lists of (H_kv, T, d)."""
+    caches = [KVCache() for _ in model.blocks]
+    model(torch.tensor([tokens]), caches=caches)
+    return [c.k[0] for c in caches], [c.v[0] for c in caches]
+
+
+def test_ragged_step_equals_the_models_forward(tiny_llama):
+    """One step, four rows: a decoding row (1 token), a piece of a prompt after 5
+    cached tokens, a whole prompt, a row that waits. Each row's logits and cache
+    are those of the row alone (Llama.forward with its own KVCache)."""
     torch.manual_seed(1)
-    prompts = [torch.randint(0, 50, (n,)).tolist() for n in (5, 17, 9)]
-    nxt = [3, 4, 5]
-    cache = RaggedKVCache(2, 4, 2, 8, max_length=64)
-    for row, p in enumerate(prompts):
-        caches = [KVCache() for _ in range(2)]
-        tiny_llama(torch.tensor([p]), caches=caches)
-        cache.put(row, caches)
-    logits = llama_decode_step(tiny_llama, torch.tensor(nxt), cache)
-    for row, (p, t) in enumerate(zip(prompts, nxt)):
-        alone, _ = tiny_llama(torch.tensor([p + [t]]))
+    seqs = [torch.randint(0, 50, (n,)).tolist() for n in (6, 9, 12, 4)]
+    past = [5, 5, 0, 4]
+    cache = RaggedKVCache(2, 5, 2, 8, max_length=64)
+    for row, (s, p) in enumerate(zip(seqs, past)):
+        if p:
+            cache.put(row, *_cached(tiny_llama, s[:p]))
+    chunks = [s[p:] for s, p in zip(seqs, past)]
+    chunks[3] = []
+    logits = llama_step(tiny_llama, chunks, cache)
+    for row, s in enumerate(seqs[:3]):
+        alone, _ = tiny_llama(torch.tensor([s]))
         torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
-    assert cache.lengths[:3].tolist() == [6, 18, 10]
+        k, v = _cached(tiny_llama, s)
+        for i in range(2):
+            torch.testing.assert_close(cache.k[i][row, :, :len(s)], k[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache.v[i][row, :, :len(s)], v[i], atol=1e-5, rtol=1e-5)
+    assert cache.lengths[:4].tolist() == [6, 9, 12, 4] and not logits[3].any()
+    logits = llama_step(tiny_llama, [[1], [2], [3], [4]], cache)   # then all decode together
+    for row, (s, t) in enumerate(zip(seqs, [1, 2, 3, 4])):
+        torch.testing.assert_close(logits[row], tiny_llama(torch.tensor([s + [t]]))[0][0, -1],
+                                   atol=1e-5, rtol=1e-5)
     cache.move(2, 0)                                   # row 0 leaves; the last row takes its place
-    assert cache.lengths[0] == 10
-    torch.testing.assert_close(cache.k[1][0, :, :10], cache.k[1][2, :, :10])
+    assert cache.lengths[0] == 13
+    torch.testing.assert_close(cache.k[1][0, :, :13], cache.k[1][2, :, :13])
+    with pytest.raises(ValueError, match="no tokens"):
+        llama_step(tiny_llama, [[], []], cache)
+    with pytest.raises(ValueError, match="1 .. 5 rows"):
+        llama_step(tiny_llama, [[1]] * 6, cache)
 
 
-def test_prefill_reuses_a_common_prefix_and_gives_the_same_logits(tiny_llama):
+def test_prefix_cache_finds_the_longest_shared_beginning_and_forgets_the_oldest():
+    kv = lambda n: ([torch.full((1, n, 2), float(n))], [torch.zeros(1, n, 2)])   # noqa: E731
+    pc = PrefixCache(max_tokens=10)
+    pc.add([1, 2, 3], *kv(3))
+    pc.add([1, 2, 9, 9], *kv(4))
+    assert pc.longest([1, 2, 3, 4])[0] == 3 and pc.longest([1, 2, 9])[0] == 3
+    assert pc.longest([7])[0] == 0 and pc.longest([7])[1] is None
+    pc.add([1, 2, 3, 4, 5], *kv(5))                    # continues [1, 2, 3]: that entry goes
+    assert [e[0].tolist() for e in pc.entries] == [[1, 2, 9, 9], [1, 2, 3, 4, 5]] and pc.tokens == 9
+    pc.longest([1, 2, 9, 9, 9])                        # used: now the most recent
+    pc.add([5, 5, 5], *kv(3))                          # 12 > 10 tokens: the least recently used goes
+    assert [e[0].tolist() for e in pc.entries] == [[1, 2, 9, 9], [5, 5, 5]] and pc.tokens == 7
+    pc.add(list(range(11)), *kv(11))                   # larger than the whole cache: not kept
+    assert pc.tokens == 7
+    with pytest.raises(ValueError, match="max_tokens"):
+        PrefixCache(-1)
+
+
+def test_a_prompt_starts_from_a_remembered_conversation(tiny_llama):
     batch = LlamaBatch(tiny_llama, rows=2, max_length=64)
     shared = [7, 8, 9, 10, 11, 12]
-    for row, prompt in enumerate([shared + [1, 2], shared + [3]]):
-        logits = batch.add(row, prompt)
-        torch.testing.assert_close(logits, tiny_llama(torch.tensor([prompt]))[0][0, -1], atol=1e-5, rtol=1e-5)
-    assert batch.reused == len(shared)
-    assert batch.cache.lengths[:2].tolist() == [8, 7]
-    batch.add(0, shared)                              # the same prompt again: all but its last token reused
-    assert batch.reused == 2 * len(shared) - 1
+    assert batch.start(0, shared + [1, 2]) == shared + [1, 2]          # nothing remembered yet
+    logits = batch.step([shared + [1, 2]])
+    torch.testing.assert_close(logits[0], tiny_llama(torch.tensor([shared + [1, 2]]))[0][0, -1],
+                               atol=1e-5, rtol=1e-5)
+    batch.remember(0, shared + [1, 2])
+    assert batch.start(1, shared + [3]) == [3] and batch.reused == len(shared)
+    logits = batch.step([[5], [3]])                    # row 0 decodes, row 1 reads the rest of its prompt
+    for row, s in enumerate([shared + [1, 2, 5], shared + [3]]):
+        torch.testing.assert_close(logits[row], tiny_llama(torch.tensor([s]))[0][0, -1], atol=1e-5, rtol=1e-5)
+    assert batch.start(1, shared + [1, 2]) == [2]      # the same prompt again: all but its last token
+    with pytest.raises(ValueError, match="holds 9 positions, not 6"):
+        batch.remember(0, shared)
+    with pytest.raises(ValueError, match="max_length=64"):
+        batch.start(0, [1] * 65)
 
 
 def test_ragged_cache_checks_its_arguments():
@@ -119,7 +165,10 @@ def _decode(engine, prompts, n, **settings):
     return seqs, results
 
 
-def test_engine_batched_greedy_equals_one_at_a_time(tiny_llama):
+@pytest.mark.parametrize("max_step_tokens", [256, 4])
+def test_engine_batched_greedy_equals_one_at_a_time(tiny_llama, max_step_tokens):
+    """With a budget of 4 tokens a step, the longer prompts are read in pieces
+    over several steps while the others decode: the tokens do not change."""
     torch.manual_seed(2)
     prompts = [torch.randint(0, 50, (n,)).tolist() for n in (3, 11, 7, 20, 1)]
     expected = [tiny_llama.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist() for p in prompts]
@@ -128,11 +177,22 @@ def test_engine_batched_greedy_equals_one_at_a_time(tiny_llama):
         def decode(self, ids):
             return "".join(f"<{i}>" for i in ids)
 
-    engine = Engine(tiny_llama, Ids(), max_batch=3, max_length=64)
+    engine = Engine(tiny_llama, Ids(), max_batch=3, max_length=64, max_step_tokens=max_step_tokens)
     try:
         seqs, results = _decode(engine, prompts, 12, temperature=0)
+        assert [s.tokens for s in seqs] == expected
+        assert all(r == ("end", ("length", 12)) for r in results.values())
+        stats = dict(engine.stats)
+        assert stats["max_batch_seen"] == 3 and stats["prefills"] == 5
+        assert stats["prompt_tokens"] == sum(map(len, prompts)) and stats["reused_tokens"] == 0
+        # a follow-up: the first conversation and a new turn; all but the answer's
+        # last token (never fed to the model) comes from the prefix cache
+        follow = prompts[3] + expected[3] + [4, 5]
+        seqs, results = _decode(engine, [follow], 3, temperature=0)
+        assert results[0][0] == "end", results
+        assert seqs[0].tokens == tiny_llama.generate(torch.tensor([follow]), 3, temperature=0)[0, len(follow):].tolist()
+        assert engine.stats["reused_tokens"] == len(prompts[3]) + 11
     finally:
         engine.stop()
-    assert [s.tokens for s in seqs] == expected
-    assert all(r == ("end", ("length", 12)) for r in results.values())
-    assert engine.stats["max_batch_seen"] == 3 and engine.stats["prefills"] == 5
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        Engine(tiny_llama, Ids(), max_step_tokens=0)
