@@ -569,12 +569,56 @@ def _message(job, text, finish):
                 "function": {"name": job["named"], "arguments": arguments}}
         return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, "tool_calls"
     text = job["prefill"] + text
-    if job["tool_names"]:
+    if job["tool_names"]:                 # tools offered: the content is stripped, calls or not
         content, calls = parse_tool_calls(text, job["tool_names"])
         if calls:
             return {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}, \
                 "tool_calls"
+        text = text.strip()
     return {"role": "assistant", "content": text, "refusal": None}, finish
+
+
+class ContentBeforeCalls:
+    """With tools offered, stream an answer's content as it comes, up to its first
+    "<tool_call>": the calls themselves are parsed from the whole text at the end.
+
+    feed(piece) -> the content that can be sent now; rest(content) -> what is
+    left to send of the final message's content. Whitespace at either end is
+    held back (the message's content is stripped), and so is a tail that may
+    be the start of "<tool_call>", so the pieces sent are always the
+    beginning of the final content.
+
+    >>> c = ContentBeforeCalls()
+    >>> [c.feed(p) for p in [" Let me", " check. <tool", "_call>{...}"]]
+    ['Let me', ' check.', '']
+    >>> c.rest("Let me check.")
+    ''
+    """
+    OPEN = "<tool_call>"
+
+    def __init__(self):
+        self.text, self.sent, self.closed, self._scanned = "", "", False, 0
+
+    def feed(self, piece):
+        self.text += piece
+        if self.closed:
+            return ""
+        at = self.text.find(self.OPEN, max(0, self._scanned - len(self.OPEN) + 1))
+        self._scanned = len(self.text)
+        if at >= 0:
+            self.closed, upto = True, at
+        else:
+            held = next((k for k in range(min(len(self.OPEN) - 1, len(self.text)), 0, -1)
+                         if self.text.endswith(self.OPEN[:k])), 0)
+            upto = len(self.text) - held
+        ready = self.text[:upto].strip()
+        new = ready[len(self.sent):]
+        self.sent = ready if len(ready) > len(self.sent) else self.sent
+        return new
+
+    def rest(self, content):
+        content = content or ""
+        return content[len(self.sent):] if content.startswith(self.sent) else ""
 
 
 async def _disconnected(request):
@@ -619,7 +663,8 @@ async def _stream(request, seq, queue, job, head):
                      **extra})
 
     yield chunk({"role": "assistant", "content": ""})
-    buffered = bool(job["tool_names"])                # tool calls are parsed from the whole text
+    buffered = bool(job["prefill"])                   # the answer is a call: parsed from the whole text
+    calls = ContentBeforeCalls() if job["tool_names"] and not buffered else None
     text, entries = "", []
     async for kind, data in _events(request, seq, queue):
         if kind == "text":
@@ -627,7 +672,10 @@ async def _stream(request, seq, queue, job, head):
             if buffered:
                 text += piece
                 entries += new
-            elif piece or new:
+                continue
+            if calls is not None:
+                piece = calls.feed(piece)
+            if piece or new:
                 yield chunk({"content": piece}, logprobs={"content": new, "refusal": None} if job["logprobs"] else None)
         elif kind == "error":
             yield _sse(error_body(500, data, code="generation_failed"))
@@ -635,12 +683,14 @@ async def _stream(request, seq, queue, job, head):
             return
         else:
             finish, n_out = data
-            if buffered:
-                message, finish = _message(job, text, finish)
-                delta = {"content": message["content"]}
+            if buffered or calls is not None:
+                message, finish = _message(job, calls.text if calls is not None else text, finish)
+                delta = {"content": message["content"] if buffered else calls.rest(message["content"])}
                 if "tool_calls" in message:
                     delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-                yield chunk(delta, logprobs={"content": entries, "refusal": None} if job["logprobs"] else None)
+                if buffered or delta["content"] or "tool_calls" in delta:
+                    yield chunk(delta, logprobs={"content": entries, "refusal": None}
+                                if job["logprobs"] and buffered else None)
             yield chunk({}, finish)
             if job["include_usage"]:
                 yield _sse({"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],

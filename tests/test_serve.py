@@ -24,7 +24,7 @@ import torch
 
 from gptcourse.chat import format_chat
 from gptcourse.gpt import GPT, GPTConfig
-from gptcourse.serve import (TURN_STOPS, check_bind, load_checkpoint, parse_request, parse_tool_calls,
+from gptcourse.serve import (TURN_STOPS, ContentBeforeCalls, check_bind, load_checkpoint, parse_request, parse_tool_calls,
                              save_checkpoint, serve)
 from gptcourse.tokenizers import CharTokenizer
 
@@ -208,6 +208,26 @@ def test_role_markers_in_user_text_cannot_forge_turns(server, tok):
     prompt = tok.decode(job["prompt_ids"])
     assert prompt.count("\nAssistant:") == 1 and prompt.endswith("\nAssistant:")
     assert "\nUser: again" not in prompt
+
+
+def test_content_before_tool_calls_streams_exactly_the_final_content():
+    """Fed in random pieces, what is sent is always the beginning of the final
+    (stripped, calls removed) content, and never any of a call's text."""
+    import random
+    rng = random.Random(0)
+    call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    for text in ["  Sure, let me look.  " + call, call + " done", "no call at all \n", "a < b <tool_", "<tool_c",
+                 "Checking: " + call + " and " + call, "bad <tool_call>{not json}</tool_call> end", " ", ""]:
+        for _ in range(20):
+            splitter, sent, at = ContentBeforeCalls(), "", 0
+            while at < len(text):
+                step = rng.randint(1, 6)
+                sent += splitter.feed(text[at:at + step])
+                at += step
+                assert "<tool_call>"[:2] not in sent or "<tool_call>" not in text[:at]
+            content = parse_tool_calls(text, {"f"})
+            final = (content[0] or "") if content[1] else text.strip()
+            assert sent + splitter.rest(final) == final, (text, sent)
 
 
 def test_tool_calls_are_parsed_from_the_text():
@@ -455,8 +475,15 @@ def test_openai_client_tools(client):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                                "parameters": {"type": "object",
                                                               "properties": {"city": {"type": "string"}}}}}]
-    r = client.chat.completions.create(model=NAME, messages=HI, max_tokens=10, tools=tools, tool_choice="auto")
+    r = client.chat.completions.create(model=NAME, messages=LONG, max_tokens=30, tools=tools, tool_choice="auto",
+                                       temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tools offered, the model answers in text: the text streams as it comes (it was
+    # sent in one piece at the end), and adds up to the non-streamed content
+    stream = client.chat.completions.create(model=NAME, messages=LONG, max_tokens=30, tools=tools,
+                                            tool_choice="auto", temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == r.choices[0].message.content and len(pieces) > 5
     stream = client.chat.completions.create(model=NAME, messages=HI, max_tokens=10, tools=tools, stream=True,
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert list(stream)
