@@ -288,8 +288,8 @@ class PrefixCache:
 class LlamaBatch:
     """Rows of a RaggedKVCache.
 
-    start(row, prompt) -> the prompt's tokens still to be read (the rest comes
-    from the prefix cache); step(chunks) -> logits (n, V); remember(row, ids):
+    start(row, prompt) -> (the prompt's tokens still to be read, how many
+    came from the prefix cache instead); step(chunks) -> logits (n, V); remember(row, ids):
     keep the row's keys and values (ids: the tokens in it) for later prompts.
     """
 
@@ -311,7 +311,7 @@ class LlamaBatch:
             self.cache.put(row, [k[:, :same] for k in entry[1]], [v[:, :same] for v in entry[2]])
         self.cache.lengths[row] = same
         self.reused += same
-        return list(prompt_ids[same:])
+        return list(prompt_ids[same:]), same
 
     def step(self, chunks):
         return llama_step(self.model, chunks, self.cache)
@@ -336,9 +336,10 @@ class WindowBatch:
         self.windows = [None] * rows
 
     def start(self, row, prompt_ids):
-        """The window ends before the prompt's last token, which the first step brings."""
+        """The window ends before the prompt's last token, which the first step brings
+        (and with it the whole window is computed: nothing comes from a cache)."""
         self.windows[row] = list(prompt_ids[:-1])
-        return [prompt_ids[-1]]
+        return [prompt_ids[-1]], 0
 
     def step(self, chunks):
         rows = [r for r, chunk in enumerate(chunks) if chunk]
@@ -472,6 +473,7 @@ class Sequence:
         self.done = False
         self.failed = False
         self.todo = []                  # prompt tokens not read yet (set by the engine)
+        self.cached_tokens = 0          # prompt tokens found in the prefix cache
         self.tokens = []                # every generated id
         self.last = None
 
@@ -593,10 +595,11 @@ class Engine:
             return False
         try:
             row = len(self.active)
-            seq.todo = self.batch.start(row, seq.prompt_ids)
+            seq.todo, seq.cached_tokens = self.batch.start(row, seq.prompt_ids)
             seq.admitted = self.stats["prefills"]
             self.stats["prefills"] += 1
-            self.stats["reused_tokens"] += len(seq.prompt_ids) - len(seq.todo)
+            self.stats["reused_tokens"] += seq.cached_tokens
+            self.stats["prompt_tokens"] += len(seq.prompt_ids) - seq.cached_tokens
             seq.generator = None
             if not seq.greedy:
                 seed = seq.seed if seq.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
@@ -624,7 +627,6 @@ class Engine:
                 continue
             try:
                 if seq.todo:                                   # a piece of the prompt was read
-                    self.stats["prompt_tokens"] += len(chunk)
                     seq.todo = seq.todo[len(chunk):]
                     if seq.todo:
                         continue

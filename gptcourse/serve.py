@@ -551,7 +551,7 @@ def build_app(server):
                 "choices": [{"index": 0, "message": message,
                              "logprobs": {"content": entries, "refusal": None} if job["logprobs"] else None,
                              "finish_reason": finish}],
-                "usage": usage(len(job["prompt_ids"]), n_out)}
+                "usage": usage(len(job["prompt_ids"]), n_out, seq.cached_tokens)}
 
     return app
 
@@ -695,15 +695,18 @@ async def _stream(request, seq, queue, job, head):
             if job["include_usage"]:
                 yield _sse({"id": head["id"], "object": "chat.completion.chunk", "created": head["created"],
                             "model": head["model"],
-                            "choices": [], "usage": usage(len(job["prompt_ids"]), n_out)})
+                            "choices": [], "usage": usage(len(job["prompt_ids"]), n_out, seq.cached_tokens)})
             yield "data: [DONE]\n\n"
             return
 
 
-def usage(prompt_tokens, completion_tokens):
-    """The usage block of a response: what a paid API bills."""
+def usage(prompt_tokens, completion_tokens, cached_tokens=0):
+    """The usage block of a response: what a paid API bills. cached_tokens: the
+    prompt tokens whose keys and values came from the prefix cache (OpenAI
+    bills them at a discount)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 # ----------------------------------------------------------------------------

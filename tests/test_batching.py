@@ -89,16 +89,16 @@ def test_prefix_cache_finds_the_longest_shared_beginning_and_forgets_the_oldest(
 def test_a_prompt_starts_from_a_remembered_conversation(tiny_llama):
     batch = LlamaBatch(tiny_llama, rows=2, max_length=64)
     shared = [7, 8, 9, 10, 11, 12]
-    assert batch.start(0, shared + [1, 2]) == shared + [1, 2]          # nothing remembered yet
+    assert batch.start(0, shared + [1, 2]) == (shared + [1, 2], 0)     # nothing remembered yet
     logits = batch.step([shared + [1, 2]])
     torch.testing.assert_close(logits[0], tiny_llama(torch.tensor([shared + [1, 2]]))[0][0, -1],
                                atol=1e-5, rtol=1e-5)
     batch.remember(0, shared + [1, 2])
-    assert batch.start(1, shared + [3]) == [3] and batch.reused == len(shared)
+    assert batch.start(1, shared + [3]) == ([3], len(shared)) and batch.reused == len(shared)
     logits = batch.step([[5], [3]])                    # row 0 decodes, row 1 reads the rest of its prompt
     for row, s in enumerate([shared + [1, 2, 5], shared + [3]]):
         torch.testing.assert_close(logits[row], tiny_llama(torch.tensor([s]))[0][0, -1], atol=1e-5, rtol=1e-5)
-    assert batch.start(1, shared + [1, 2]) == [2]      # the same prompt again: all but its last token
+    assert batch.start(1, shared + [1, 2]) == ([2], 7)  # the same prompt again: all but its last token
     with pytest.raises(ValueError, match="holds 9 positions, not 6"):
         batch.remember(0, shared)
     with pytest.raises(ValueError, match="max_length=64"):

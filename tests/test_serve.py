@@ -121,6 +121,7 @@ def test_response_has_the_chat_completion_shape(http, tok):
     assert choice["finish_reason"] in ("stop", "length") and choice["logprobs"] is None
     assert r["usage"]["prompt_tokens"] == len(tok.encode(format_chat(HI)))
     assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}    # the char model caches nothing
 
 
 @pytest.mark.parametrize("messages", [HI, LONG], ids=["fits-the-context", "longer-than-context"])

@@ -90,6 +90,9 @@ def test_greedy_answer_equals_reply_and_streaming_agrees(client, smollm2):
     r = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == expected
     assert r.usage.prompt_tokens == len(tok.encode(format_chatml(FRANCE)))
+    again = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == expected          # read from the prefix cache: the same answer
+    assert again.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
     stream = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
