@@ -69,8 +69,10 @@ clean:
 	rm -rf _build .jupyter_cache
 
 # Speed, as ratios measured side by side in one run (not part of `make test`): the core,
-# cold vs warm `make book`, and the per-notebook times of the last `make test`.
-# `make bench BENCH=--no-book` skips the cold and warm book builds (5-10 min of both cores).
+# cold vs warm `make book`, the chat server batched vs one request at a time (1, 4, 16
+# clients), and the per-notebook times of the last `make test`.
+# `make bench BENCH=--no-book` skips the cold and warm book builds (5-10 min of both cores);
+# BENCH=--no-serve skips the chat server (about 3 min).
 BENCH ?= --full
 bench: install assets
 	$(BIN)/python benchmarks/bench_all.py $(BENCH)
@@ -87,7 +89,7 @@ bench-llama: install
 
 # The chat server (gptcourse.serve) with SmolLM2 under 1, 4 and 16 concurrent clients,
 # continuous batching vs one request at a time, side by side: tokens/s, p50/p95 latency
-# and time to first token (about 5 minutes on 2 busy cores).
+# and time to first token (about 3 minutes on 2 cores; also part of `make bench`).
 .PHONY: bench-serve
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serve.py

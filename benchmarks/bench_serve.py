@@ -10,7 +10,8 @@ clients (each sending streamed requests back to back) measures:
 
 Goals (issue 16): 16 clients get at least 3x the tokens/s of one client
 (batched), and p50 TTFT under 0.5 s. Timings drift on a shared machine:
-compare the columns of one run. Usage:
+compare the columns of one run. `make bench` runs it too (`run()` returns
+its rows for the summary). Usage:
 
     python benchmarks/bench_serve.py [--max-tokens 32] [--threads 1] [--levels 1 4 16]
 """
@@ -96,6 +97,53 @@ async def level(url, clients, requests_each, max_tokens):
                 ttft_p50=statistics.median(ttfts), ttft_p95=pct(ttfts, 0.95))
 
 
+def run(max_tokens=32, threads=1, levels=(1, 4, 16), out=ROOT / "_build" / "bench_serve.json"):
+    """Both servers at every level; prints the table, returns rows for bench_all's summary."""
+    rows = {}
+    for mode, max_batch in (("batched", 16), ("one at a time", 1)):
+        proc, url = start_server(max_batch, threads)
+        try:
+            asyncio.run(one_request(httpx.AsyncClient(timeout=600), url, PROMPTS[0], 4))     # warm-up
+            for clients in levels:
+                each = max(1, 4 // clients)                # at least 4 requests per level
+                rows[(mode, clients)] = r = asyncio.run(level(url, clients, each, max_tokens))
+                print(f"{mode:14s} {clients:3d} clients: {r['tok_s']:6.1f} tok/s, latency p50 {r['lat_p50']:.2f} "
+                      f"p95 {r['lat_p95']:.2f} s, TTFT p50 {r['ttft_p50']:.2f} p95 {r['ttft_p95']:.2f} s "
+                      f"({r['requests']} requests, {r['tokens']} tokens, {r['wall']:.1f} s)", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"\nSmolLM2-135M-Instruct, greedy, max_tokens={max_tokens}, {threads} torch thread(s), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    print("| clients | batched tok/s | one-at-a-time tok/s | batched latency p50 / p95 (s) | "
+          "one-at-a-time latency p50 / p95 (s) | batched TTFT p50 / p95 (s) | one-at-a-time TTFT p50 / p95 (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in levels:
+        b, o = rows[("batched", c)], rows[("one at a time", c)]
+        print(f"| {c} | {b['tok_s']:.1f} | {o['tok_s']:.1f} | {b['lat_p50']:.2f} / {b['lat_p95']:.2f} | "
+              f"{o['lat_p50']:.2f} / {o['lat_p95']:.2f} | {b['ttft_p50']:.2f} / {b['ttft_p95']:.2f} | "
+              f"{o['ttft_p50']:.2f} / {o['ttft_p95']:.2f} |")
+    lo, hi = min(levels), max(levels)
+    b_lo, b_hi, o_hi = rows[("batched", lo)], rows[("batched", hi)], rows[("one at a time", hi)]
+    speedup = b_hi["tok_s"] / b_lo["tok_s"]
+    print(f"\nbatched: {hi} clients get {speedup:.1f}x the tokens/s of {lo} (goal >= 3x: "
+          f"{'met' if speedup >= 3 else 'not met'}); p50 TTFT at {hi} clients "
+          f"{b_hi['ttft_p50']:.2f} s (goal < 0.5 s: {'met' if b_hi['ttft_p50'] < 0.5 else 'not met'})")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({f"{m}|{c}": r for (m, c), r in rows.items()}, indent=1))
+    return [
+        {"measure": f"chat server (SmolLM2), batched: tokens/s, {hi} clients vs {lo}",
+         "a": f"{hi} clients {b_hi['tok_s']:.1f} tok/s", "b": f"{lo} client(s) {b_lo['tok_s']:.1f} tok/s",
+         "ratio": speedup, "goal": ">= 3x"},
+        {"measure": f"chat server, {hi} clients: p50 time to first token",
+         "a": f"batched {b_hi['ttft_p50']:.2f} s", "b": f"one at a time {o_hi['ttft_p50']:.2f} s",
+         "ratio": o_hi["ttft_p50"] / b_hi["ttft_p50"], "goal": "batched < 0.5 s"},
+        {"measure": f"chat server, {hi} clients: p50 latency ({max_tokens} tokens)",
+         "a": f"batched {b_hi['lat_p50']:.2f} s", "b": f"one at a time {o_hi['lat_p50']:.2f} s",
+         "ratio": o_hi["lat_p50"] / b_hi["lat_p50"], "goal": ""},
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -103,38 +151,7 @@ def main():
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--out", default=str(ROOT / "_build" / "bench_serve.json"))
     args = parser.parse_args()
-    rows = {}
-    for mode, max_batch in (("batched", 16), ("one at a time", 1)):
-        proc, url = start_server(max_batch, args.threads)
-        try:
-            asyncio.run(one_request(httpx.AsyncClient(timeout=600), url, PROMPTS[0], 4))     # warm-up
-            for clients in args.levels:
-                each = max(1, 4 // clients)                # at least 4 requests per level
-                rows[(mode, clients)] = r = asyncio.run(level(url, clients, each, args.max_tokens))
-                print(f"{mode:14s} {clients:3d} clients: {r['tok_s']:6.1f} tok/s, latency p50 {r['lat_p50']:.2f} "
-                      f"p95 {r['lat_p95']:.2f} s, TTFT p50 {r['ttft_p50']:.2f} p95 {r['ttft_p95']:.2f} s "
-                      f"({r['requests']} requests, {r['tokens']} tokens, {r['wall']:.1f} s)", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    print(f"\nSmolLM2-135M-Instruct, greedy, max_tokens={args.max_tokens}, {args.threads} torch thread(s), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("| clients | batched tok/s | one-at-a-time tok/s | batched latency p50 / p95 (s) | "
-          "one-at-a-time latency p50 / p95 (s) | batched TTFT p50 / p95 (s) | one-at-a-time TTFT p50 / p95 (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for c in args.levels:
-        b, o = rows[("batched", c)], rows[("one at a time", c)]
-        print(f"| {c} | {b['tok_s']:.1f} | {o['tok_s']:.1f} | {b['lat_p50']:.2f} / {b['lat_p95']:.2f} | "
-              f"{o['lat_p50']:.2f} / {o['lat_p95']:.2f} | {b['ttft_p50']:.2f} / {b['ttft_p95']:.2f} | "
-              f"{o['ttft_p50']:.2f} / {o['ttft_p95']:.2f} |")
-    lo, hi = min(args.levels), max(args.levels)
-    speedup = rows[("batched", hi)]["tok_s"] / rows[("batched", lo)]["tok_s"]
-    print(f"\nbatched: {hi} clients get {speedup:.1f}x the tokens/s of {lo} (goal >= 3x: "
-          f"{'met' if speedup >= 3 else 'not met'}); p50 TTFT at {hi} clients "
-          f"{rows[('batched', hi)]['ttft_p50']:.2f} s (goal < 0.5 s: "
-          f"{'met' if rows[('batched', hi)]['ttft_p50'] < 0.5 else 'not met'})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({f"{m}|{c}": r for (m, c), r in rows.items()}, indent=1))
+    run(args.max_tokens, args.threads, args.levels, args.out)
 
 
 if __name__ == "__main__":
