@@ -7,6 +7,7 @@ SmolLM2 is checked the same way in test_serve_llama.py.
 """
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -196,3 +197,44 @@ def test_engine_batched_greedy_equals_one_at_a_time(tiny_llama, max_step_tokens)
         engine.stop()
     with pytest.raises(ValueError, match="max_step_tokens"):
         Engine(tiny_llama, Ids(), max_step_tokens=0)
+
+
+def test_a_long_prompt_is_read_in_pieces_while_another_answer_keeps_coming(tiny_llama):
+    """Chunked prefill: with a budget of 8 tokens a step, a 60-token prompt that
+    arrives while a sequence decodes takes 8 steps, and every one of them also
+    gives the decoding sequence its next token."""
+    class Ids:
+        def decode(self, ids):
+            return "".join(f"<{i}>" for i in ids)
+
+    engine = Engine(tiny_llama, Ids(), max_batch=2, max_length=128, max_step_tokens=8)
+    steps, step = [], engine.batch.step
+
+    def recorded(chunks):                     # at least 4 ms a step: the first answer lasts 0.4 s or more
+        steps.append([len(c) for c in chunks])
+        time.sleep(0.004)
+        return step(chunks)
+    engine.batch.step = recorded
+    torch.manual_seed(3)
+    short, long = torch.randint(0, 50, (3,)).tolist(), torch.randint(0, 50, (60,)).tolist()
+    started, done = threading.Event(), threading.Semaphore(0)
+
+    def events(kind, data):
+        if kind == "text":
+            started.set()
+        else:
+            done.release()
+    try:
+        first = engine.submit(Sequence(short, 100, events, temperature=0))
+        assert started.wait(60)
+        second = engine.submit(Sequence(long, 2, lambda kind, data: kind != "text" and done.release(),
+                                        temperature=0))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    reading = [s for s in steps if len(s) == 2 and s[1] > 1]
+    assert [s[1] for s in reading] == [7] * 8 + [4]          # 60 tokens: 7 per step beside the decoding one
+    assert all(s[0] == 1 and sum(s) <= 8 for s in reading)
+    assert len(first.tokens) == 100 and len(steps) >= 100
+    for seq, prompt, n in ((first, short, 100), (second, long, 2)):
+        assert seq.tokens == tiny_llama.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
