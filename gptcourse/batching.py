@@ -230,9 +230,11 @@ def window_step(model, windows):
 class PrefixCache:
     """Keys and values of recent token sequences, at most max_tokens in all.
 
-    add(ids, k, v) keeps a sequence (k[i], v[i]: (H_kv, len(ids), d) per
-    layer); longest(ids) -> (length, entry): the entry sharing the longest
-    beginning with ids. A follow-up question starts with the whole earlier
+    add(ids, k, v, salt) keeps a sequence (k[i], v[i]: (H_kv, len(ids), d)
+    per layer); longest(ids, salt) -> (length, entry): the entry with the same
+    salt sharing the longest beginning with ids. The salt keeps clients
+    apart: without it, anyone could learn whether a text was recently sent
+    by someone else (from `cached_tokens`, or from the time to first token). A follow-up question starts with the whole earlier
     conversation, and every request without its own system message starts
     with the default one, so most of a chat prompt is usually found here.
     The least recently used entries go first when room is needed; an entry
@@ -243,7 +245,7 @@ class PrefixCache:
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
         self.max_tokens = max_tokens
-        self.entries = []                 # (ids (T,) long, k, v), most recently used last
+        self.entries = []                 # (ids (T,) long, k, v, salt), most recently used last
         self.tokens = 0
 
     @staticmethod
@@ -252,11 +254,11 @@ class PrefixCache:
         differ = torch.nonzero(a[:m] != b[:m])
         return int(differ[0]) if len(differ) else m
 
-    def longest(self, ids):
+    def longest(self, ids, salt=None):
         ids = torch.as_tensor(ids, dtype=torch.long)
         best, at = 0, None
         for i, e in enumerate(self.entries):
-            same = self._common(ids, e[0])
+            same = self._common(ids, e[0]) if e[3] == salt else 0
             if same > best:
                 best, at = same, i
         if at is None:
@@ -265,17 +267,17 @@ class PrefixCache:
         self.entries.append(entry)
         return best, entry
 
-    def add(self, ids, k, v):
+    def add(self, ids, k, v, salt=None):
         ids = torch.as_tensor(ids, dtype=torch.long)
         if not 0 < len(ids) <= self.max_tokens:
             return
         kept = []
         for e in self.entries:
-            if len(e[0]) <= len(ids) and self._common(ids, e[0]) == len(e[0]):
+            if e[3] == salt and len(e[0]) <= len(ids) and self._common(ids, e[0]) == len(e[0]):
                 self.tokens -= len(e[0])                        # the new one continues it
             else:
                 kept.append(e)
-        self.entries = kept + [(ids, k, v)]
+        self.entries = kept + [(ids, k, v, salt)]
         self.tokens += len(ids)
         while self.tokens > self.max_tokens:
             self.tokens -= len(self.entries.pop(0)[0])
@@ -288,9 +290,10 @@ class PrefixCache:
 class LlamaBatch:
     """Rows of a RaggedKVCache.
 
-    start(row, prompt) -> (the prompt's tokens still to be read, how many
-    came from the prefix cache instead); step(chunks) -> logits (n, V); remember(row, ids):
-    keep the row's keys and values (ids: the tokens in it) for later prompts.
+    start(row, prompt, salt) -> (the prompt's tokens still to be read, how
+    many came from the prefix cache instead); step(chunks) -> logits (n, V);
+    remember(row, ids, salt): keep the row's keys and values (ids: the
+    tokens in it) for later prompts with the same salt.
     """
 
     def __init__(self, model, rows, max_length, prefix_tokens=4096):
@@ -303,10 +306,10 @@ class LlamaBatch:
         self.prefixes = PrefixCache(prefix_tokens)
         self.reused = 0                               # prompt tokens not recomputed, in all
 
-    def start(self, row, prompt_ids):
+    def start(self, row, prompt_ids, salt=None):
         if not 1 <= len(prompt_ids) <= self.max_length:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit 1 .. max_length={self.max_length}")
-        same, entry = self.prefixes.longest(prompt_ids[:-1])      # leave >= 1 token to compute
+        same, entry = self.prefixes.longest(prompt_ids[:-1], salt)      # leave >= 1 token to compute
         if same:
             self.cache.put(row, [k[:, :same] for k in entry[1]], [v[:, :same] for v in entry[2]])
         self.cache.lengths[row] = same
@@ -316,10 +319,10 @@ class LlamaBatch:
     def step(self, chunks):
         return llama_step(self.model, chunks, self.cache)
 
-    def remember(self, row, ids):
+    def remember(self, row, ids, salt=None):
         if len(ids) != int(self.cache.lengths[row]):
             raise ValueError(f"row {row} holds {int(self.cache.lengths[row])} positions, not {len(ids)}")
-        self.prefixes.add(ids, *self.cache.get(row))
+        self.prefixes.add(ids, *self.cache.get(row), salt)
 
     def move(self, src, dst):
         self.cache.move(src, dst)
@@ -335,7 +338,7 @@ class WindowBatch:
         self.model, self.block_size = model, model.config.block_size
         self.windows = [None] * rows
 
-    def start(self, row, prompt_ids):
+    def start(self, row, prompt_ids, salt=None):
         """The window ends before the prompt's last token, which the first step brings
         (and with it the whole window is computed: nothing comes from a cache)."""
         self.windows[row] = list(prompt_ids[:-1])
@@ -350,7 +353,7 @@ class WindowBatch:
         out[rows] = logits
         return out
 
-    def remember(self, row, ids):
+    def remember(self, row, ids, salt=None):
         pass                               # nothing cached: every step recomputes the window
 
     def move(self, src, dst):
@@ -454,7 +457,7 @@ class Sequence:
 
     def __init__(self, prompt_ids, max_tokens, on_event, temperature=1.0, top_p=1.0, stop=(),
                  stop_ids=(), seed=None, logprobs=False, top_logprobs=0, presence_penalty=0.0,
-                 frequency_penalty=0.0, logit_bias=None):
+                 frequency_penalty=0.0, logit_bias=None, cache_salt=None):
         if not prompt_ids:
             raise ValueError("the prompt must have at least one token")
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -469,6 +472,7 @@ class Sequence:
         self.logprobs, self.top_logprobs = bool(logprobs), int(top_logprobs or 0)
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         self.logit_bias = logit_bias or {}
+        self.cache_salt = cache_salt    # prefix-cache entries are shared only with the same salt
         self.cancelled = False          # set from another thread: the client left
         self.done = False
         self.failed = False
@@ -595,7 +599,7 @@ class Engine:
             return False
         try:
             row = len(self.active)
-            seq.todo, seq.cached_tokens = self.batch.start(row, seq.prompt_ids)
+            seq.todo, seq.cached_tokens = self.batch.start(row, seq.prompt_ids, seq.cache_salt)
             seq.admitted = self.stats["prefills"]
             self.stats["prefills"] += 1
             self.stats["reused_tokens"] += seq.cached_tokens
@@ -630,7 +634,7 @@ class Engine:
                     seq.todo = seq.todo[len(chunk):]
                     if seq.todo:
                         continue
-                    self.batch.remember(row, seq.prompt_ids)   # the whole prompt is in the row
+                    self.batch.remember(row, seq.prompt_ids, seq.cache_salt)   # the whole prompt is in the row
                 self.stats["batch_tokens"] += 1
                 self._take(seq, logits[row])
             except Exception as e:                    # noqa: BLE001
@@ -646,7 +650,7 @@ class Engine:
                 if not seq.failed and not seq.todo:
                     ids = (seq.prompt_ids + seq.tokens)[:len(seq.prompt_ids) + len(seq.tokens) - 1]
                     try:
-                        self.batch.remember(r, ids)    # the prompt and the answer, but its last token
+                        self.batch.remember(r, ids, seq.cache_salt)   # the prompt and the answer but its last token
                     except Exception:                   # noqa: BLE001 -- a cache miss later, no more
                         pass
                 seq.done = True

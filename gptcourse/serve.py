@@ -250,6 +250,9 @@ class ChatCompletionRequest(_Strict):
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
     user: Optional[str] = None
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256,
+                                      description="vLLM's extension: the prefix cache is shared only "
+                                                  "between requests with the same salt")
 
     @field_validator("stop")
     @classmethod
@@ -939,7 +942,7 @@ class ChatServer:
         seed = None if req.seed is None else req.seed % 2 ** 64
         sampling = dict(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
                         stop=tuple(stops) + tuple(stop) + (("</tool_call>",) if prefill else ()),
-                        stop_ids=stop_ids, seed=seed,
+                        stop_ids=stop_ids, seed=seed, cache_salt=req.cache_salt,
                         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
                         presence_penalty=req.presence_penalty or 0.0,
                         frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias)

@@ -83,6 +83,9 @@ def test_prefix_cache_finds_the_longest_shared_beginning_and_forgets_the_oldest(
     assert [e[0].tolist() for e in pc.entries] == [[1, 2, 9, 9], [5, 5, 5]] and pc.tokens == 7
     pc.add(list(range(11)), *kv(11))                   # larger than the whole cache: not kept
     assert pc.tokens == 7
+    pc.add([5, 5, 5, 6], *kv(4), salt="alice")         # another client's: neither seen nor covering
+    assert pc.longest([5, 5, 5, 6])[0] == 3 and pc.longest([5, 5, 5, 6], salt="alice")[0] == 4
+    assert pc.longest([1, 2, 9], salt="bob") == (0, None)
     with pytest.raises(ValueError, match="max_tokens"):
         PrefixCache(-1)
 

@@ -93,6 +93,10 @@ def test_greedy_answer_equals_reply_and_streaming_agrees(client, smollm2):
     again = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0)
     assert again.choices[0].message.content == expected          # read from the prefix cache: the same answer
     assert again.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+    # with a cache salt (vLLM's extension), a client does not see what others sent
+    salted = [client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=1, temperature=0,
+                                             extra_body={"cache_salt": salt}) for salt in ("alice", "alice", "bob")]
+    assert [s.usage.prompt_tokens_details.cached_tokens for s in salted] == [0, r.usage.prompt_tokens - 1, 0]
     stream = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
