@@ -154,7 +154,15 @@ def llama_step(model, chunks, cache):
     angles = rope_angles(positions, d, config.rope_base)                          # (N, d/2)
 
     singles = [r for r in range(n) if sizes[r] == 1]                               # decoding rows
-    longs = [(r, int(first[r]), sizes[r], int(starts[r])) for r in range(n) if sizes[r] > 1]
+    longs = []                                                                     # pieces of prompts
+    for r in range(n):
+        if sizes[r] > 1:
+            past, size = int(starts[r]), sizes[r]
+            # causal after the row's `past` cached positions; the same rows for each
+            # query head of a group (they are folded into the query axis below)
+            mask = (torch.arange(past + size, device=device)[None, :]
+                    <= past + torch.arange(size, device=device)[:, None])          # (size, past + size)
+            longs.append((r, int(first[r]), size, past, mask.repeat(group, 1)))
     if singles:
         s_rows = torch.tensor(singles, device=device)
         s_tok = first[s_rows]                                                      # their token in x
@@ -184,13 +192,10 @@ def llama_step(model, chunks, cache):
             K, V = cache.k[i][:n, :, :T_s], cache.v[i][:n, :, :T_s]                # (n, H_kv, T_s, d)
             o1 = F.scaled_dot_product_attention(q1.view(n, H_kv, group, d), K, V, attn_mask=s_mask)
             out[:, s_tok] = o1.reshape(n, H, d)[s_rows].transpose(0, 1)
-        for r, at, size, past in longs:
-            # a piece of a prompt: causal, after the row's `past` cached positions
+        for r, at, size, past, mask in longs:
             qr = q[:, at:at + size].reshape(H_kv, group * size, d)                 # (H_kv, group*size, d)
             K, V = cache.k[i][r, :, :past + size], cache.v[i][r, :, :past + size]  # (H_kv, T_k, d)
-            mask = (torch.arange(past + size, device=device)[None, :]
-                    <= past + torch.arange(size, device=device)[:, None])          # (size, T_k)
-            o = F.scaled_dot_product_attention(qr, K, V, attn_mask=mask.repeat(group, 1))
+            o = F.scaled_dot_product_attention(qr, K, V, attn_mask=mask)
             out[:, at:at + size] = o.view(H, size, d)
         x = x + attn.w_o(out.transpose(0, 1).reshape(N, H * d))
         x = x + block.mlp(block.rms_2(x))
