@@ -37,8 +37,11 @@ The pieces, each from a well-kept library rather than hand-written:
   (`ChatCompletionRequest`); a bad request gets a 4xx status and an error in
   OpenAI's shape, naming the field, never a traceback.
 * Decoding: `gptcourse.batching.Engine`, continuous batching: concurrent
-  requests are decoded together, one forward pass per step; a client that
-  leaves frees its place at the next step.
+  requests are decoded together, one forward pass per step, new prompts read
+  in the same passes (up to max_step_tokens new tokens a step); a prompt
+  that starts like a recent conversation is read only from where it differs
+  (the prefix cache; `usage.prompt_tokens_details.cached_tokens`); a client
+  that leaves frees its place at the next step.
 
 Safety: without an API key the server listens on the loopback interface only
 (this machine) and answers only requests whose ``Host`` header names it (a
