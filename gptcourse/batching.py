@@ -327,7 +327,8 @@ class LlamaBatch:
     def remember(self, row, ids, salt=None):
         if len(ids) != int(self.cache.lengths[row]):
             raise ValueError(f"row {row} holds {int(self.cache.lengths[row])} positions, not {len(ids)}")
-        self.prefixes.add(ids, *self.cache.get(row), salt)
+        if 0 < len(ids) <= self.prefixes.max_tokens:            # else not kept: copy nothing
+            self.prefixes.add(ids, *self.cache.get(row), salt)
 
     def move(self, src, dst):
         self.cache.move(src, dst)
