@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from bench_core import row
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Write a long story about a dragon who learns to read.",
            "Explain in detail how a steam engine works.",
@@ -135,12 +137,10 @@ def run(max_tokens=32, threads=1, levels=(1, 4, 16), out=ROOT / "_build" / "benc
         {"measure": f"chat server (SmolLM2), batched: tokens/s, {hi} clients vs {lo}",
          "a": f"{hi} clients {b_hi['tok_s']:.1f} tok/s", "b": f"{lo} client(s) {b_lo['tok_s']:.1f} tok/s",
          "ratio": speedup, "goal": ">= 3x"},
-        {"measure": f"chat server, {hi} clients: p50 time to first token",
-         "a": f"batched {b_hi['ttft_p50']:.2f} s", "b": f"one at a time {o_hi['ttft_p50']:.2f} s",
-         "ratio": o_hi["ttft_p50"] / b_hi["ttft_p50"], "goal": "batched < 0.5 s"},
-        {"measure": f"chat server, {hi} clients: p50 latency ({max_tokens} tokens)",
-         "a": f"batched {b_hi['lat_p50']:.2f} s", "b": f"one at a time {o_hi['lat_p50']:.2f} s",
-         "ratio": o_hi["lat_p50"] / b_hi["lat_p50"], "goal": ""},
+        row(f"chat server, {hi} clients: p50 time to first token", "batched", b_hi["ttft_p50"],
+            "one at a time", o_hi["ttft_p50"], unit="s", goal="batched < 0.5 s"),
+        row(f"chat server, {hi} clients: p50 latency ({max_tokens} tokens)", "batched", b_hi["lat_p50"],
+            "one at a time", o_hi["lat_p50"], unit="s"),
     ]
 
 

@@ -239,9 +239,10 @@ class PrefixCache:
     per layer); longest(ids, salt) -> (length, entry): the entry with the same
     salt sharing the longest beginning with ids. The salt keeps clients
     apart: without it, anyone could learn whether a text was recently sent
-    by someone else (from `cached_tokens`, or from the time to first token). A follow-up question starts with the whole earlier
-    conversation, and every request without its own system message starts
-    with the default one, so most of a chat prompt is usually found here.
+    by someone else (from `cached_tokens`, or from the time to first token).
+    A follow-up question starts with the whole earlier conversation, and
+    every request without its own system message starts with the default
+    one, so most of a chat prompt is usually found here.
     The least recently used entries go first when room is needed; an entry
     that another one continues is dropped (the longer one covers it).
     """
@@ -654,7 +655,7 @@ class Engine:
             seq = self.active[r]
             if seq.done or seq.cancelled:
                 if not seq.failed and not seq.todo:
-                    ids = (seq.prompt_ids + seq.tokens)[:len(seq.prompt_ids) + len(seq.tokens) - 1]
+                    ids = (seq.prompt_ids + seq.tokens)[:-1]
                     try:
                         self.batch.remember(r, ids, seq.cache_salt)   # the prompt and the answer but its last token
                     except Exception:                   # noqa: BLE001 -- a cache miss later, no more

@@ -86,7 +86,7 @@ except ImportError as e:                      # pragma: no cover
     raise ImportError(f"gptcourse.serve needs FastAPI, uvicorn and pydantic: "
                       f"pip install 'gptcourse[serve]' ({e})") from e
 
-from .batching import Engine, Sequence
+from .batching import Engine, Sequence, StopMatcher
 from .chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat
 
 log = logging.getLogger("gptcourse.serve")
@@ -603,20 +603,19 @@ class ContentBeforeCalls:
     OPEN = "<tool_call>"
 
     def __init__(self):
-        self.text, self.sent, self.closed, self._scanned = "", "", False, 0
+        self.text, self.sent, self.closed = "", "", False
+        self._marker = StopMatcher([self.OPEN])        # the marker is watched for as a stop string is
 
     def feed(self, piece):
+        before = len(self.text)
         self.text += piece
         if self.closed:
             return ""
-        at = self.text.find(self.OPEN, max(0, self._scanned - len(self.OPEN) + 1))
-        self._scanned = len(self.text)
-        if at >= 0:
-            self.closed, upto = True, at
+        found = self._marker.feed(piece)
+        if found is not None:
+            self.closed, upto = True, before + found[0] - len(self.OPEN)
         else:
-            held = next((k for k in range(min(len(self.OPEN) - 1, len(self.text)), 0, -1)
-                         if self.text.endswith(self.OPEN[:k])), 0)
-            upto = len(self.text) - held
+            upto = len(self.text) - self._marker.held_back
         ready = self.text[:upto].strip()
         new = ready[len(self.sent):]
         self.sent = ready if len(ready) > len(self.sent) else self.sent
