@@ -310,3 +310,132 @@ def reply(model, tokenizer, messages, max_new_tokens=128, temperature=0.0, top_k
             on_text(text[len(shown):])
             shown = text
     return tokenizer.decode(ids)
+
+
+# ----------------------------------------------------------------------------
+# Scoring many prompts at once (chapter 15): one forward pass per batch
+# ----------------------------------------------------------------------------
+
+def _check_id_lists(sequences, name, vocab_size):
+    """Raise ValueError naming the first bad sequence; return them as lists of ints."""
+    if not isinstance(sequences, (list, tuple)) or not sequences:
+        raise ValueError(f"{name} must be a non-empty list of lists of token ids, got {sequences!r:.80}")
+    out = []
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, torch.Tensor):
+            seq = seq.tolist()
+        if not isinstance(seq, (list, tuple)) or not seq:
+            raise ValueError(f"{name}[{i}] must be a non-empty list of token ids, got {seq!r:.80}")
+        if not all(isinstance(t, int) and 0 <= t < vocab_size for t in seq):
+            raise ValueError(f"{name}[{i}] holds something that is not a token id in "
+                             f"[0, {vocab_size}): {seq!r:.80}")
+        out.append(list(seq))
+    return out
+
+
+def _padded_batches(model, sequences, batch_size):
+    """Yield (rows, logits (b, T, V)): the sequences of `rows` (indices into
+    sequences), right-padded with token 0 to their longest, in one forward pass.
+
+    Sequences are sorted by length first, so a batch holds similar lengths and
+    little padding. Right padding changes nothing before it: in a causal model
+    a position sees only the positions before it, and every row keeps positions
+    0, 1, ... for its own tokens.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not getattr(model.config, "causal", True):
+        raise ValueError("right-padded batches need a causal model")
+    block_size = model.config.block_size
+    too_long = [i for i, s in enumerate(sequences) if len(s) > block_size]
+    if too_long:
+        raise ValueError(f"sequence {too_long[0]} has {len(sequences[too_long[0]])} tokens, "
+                         f"more than block_size={block_size}")
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        T = max(len(sequences[i]) for i in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        for r, i in enumerate(rows):
+            idx[r, :len(sequences[i])] = torch.tensor(sequences[i])
+        yield rows, model(idx.to(device))[0]
+
+
+@torch.no_grad()
+def next_token_logprobs(model, sequences, positions=None, batch_size=16):
+    """log P(next token | sequence up to and including position t), for many sequences.
+
+    sequences: n lists of token ids (lengths may differ). positions: None
+    (the last position of each: what the model would write next), or n lists
+    of positions t, each 0 <= t < len(sequence). Scored in right-padded
+    batches of batch_size sequences, one forward pass each (sorted by length).
+    Returns a (n, V) float32 tensor for positions=None, else a list of n
+    tensors (len(positions[i]), V); on the CPU, in the order of sequences.
+    model(idx) must return (logits (B, T, V), ...) and be causal.
+    """
+    was_training = model.training
+    model.eval()
+    sequences = _check_id_lists(sequences, "sequences", model.config.vocab_size)
+    last = positions is None
+    if last:
+        positions = [[len(s) - 1] for s in sequences]
+    if not isinstance(positions, (list, tuple)) or len(positions) != len(sequences):
+        raise ValueError(f"positions must be None or one list of positions per sequence "
+                         f"({len(sequences)}), got {positions!r:.80}")
+    for i, (pos, seq) in enumerate(zip(positions, sequences)):
+        if not isinstance(pos, (list, tuple)) or not all(isinstance(t, int) and 0 <= t < len(seq)
+                                                         for t in pos):
+            raise ValueError(f"positions[{i}] must be a list of ints in [0, {len(seq)}), got {pos!r:.80}")
+    out = [None] * len(sequences)
+    try:
+        for rows, logits in _padded_batches(model, sequences, batch_size):
+            for r, i in enumerate(rows):
+                picked = logits[r, torch.tensor(positions[i], dtype=torch.long, device=logits.device)]
+                out[i] = torch.log_softmax(picked.float(), dim=-1).cpu()   # (k, V)
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if last else out
+
+
+@torch.no_grad()
+def score_continuations(model, prompts, continuations, batch_size=16):
+    """log P(each token of continuation i | prompt i and the continuation's tokens before it).
+
+    prompts, continuations: n lists of token ids each (continuations may
+    differ in length; the same prompt may appear several times). The
+    batched, token-id version of continuation_logprobs: each pair
+    prompt + continuation is one row of a right-padded batch, one forward
+    pass per batch_size rows. Returns a list of n 1-D float32 tensors
+    (len(continuation i),); each one's sum is log P(continuation | prompt).
+    """
+    prompts = _check_id_lists(prompts, "prompts", model.config.vocab_size)
+    continuations = _check_id_lists(continuations, "continuations", model.config.vocab_size)
+    if len(prompts) != len(continuations):
+        raise ValueError(f"need one continuation per prompt, got {len(prompts)} prompts "
+                         f"and {len(continuations)} continuations")
+    sequences = [p + c for p, c in zip(prompts, continuations)]
+    positions = [list(range(len(p) - 1, len(p) + len(c) - 1)) for p, c in zip(prompts, continuations)]
+    rows = next_token_logprobs(model, sequences, positions, batch_size)
+    return [r.gather(1, torch.tensor(c)[:, None])[:, 0] for r, c in zip(rows, continuations)]
+
+
+def wilson_interval(successes, n, z=1.959964):
+    """The Wilson score interval (low, high) for a binomial rate successes / n.
+
+    z = 1.96 gives 95%. Unlike rate +- z * sqrt(rate (1 - rate) / n) it stays
+    inside [0, 1] and is not empty at 0 or n successes (Wilson 1927).
+
+        >>> [round(x, 4) for x in wilson_interval(0, 50)]
+        [0.0, 0.0713]
+        >>> [round(x, 4) for x in wilson_interval(25, 50)]
+        [0.3664, 0.6336]
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n={n}], got {successes!r}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)

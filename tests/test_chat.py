@@ -1,12 +1,14 @@
 """gptcourse.chat's measuring helpers on hand-worked examples: which messages
-fit a window, entropies, continuation log-probabilities, copied n-grams."""
+fit a window, entropies, continuation log-probabilities, copied n-grams, and
+the batched scorers against one unpadded forward pass per sequence."""
 import math
 
 import pytest
 import torch
 
 from gptcourse.chat import (continuation_logprobs, fit_to_context, format_chat,
-                            next_token_entropy, ngram_overlap)
+                            next_token_entropy, next_token_logprobs, ngram_overlap,
+                            score_continuations, wilson_interval)
 from gptcourse.gpt import GPT, GPTConfig
 from gptcourse.tokenizers import BPETokenizer, CharTokenizer
 
@@ -210,3 +212,107 @@ def test_ngram_overlap_bad_inputs():
         ngram_overlap("abc", "abc", 0)
     with pytest.raises(ValueError, match="no substring of 5 characters"):
         ngram_overlap(["abc", "ab"], "abcabc", 5)
+
+
+# ---------------------------------------------------------------- batched scoring
+
+
+def tiny_models():
+    from gptcourse.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=11, dropout=0.0))
+    llama = Llama(LlamaConfig(vocab_size=11, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                              ffn_hidden=24, block_size=32))
+    for model in (gpt, llama):
+        with torch.no_grad():                      # random, not near-uniform, predictions
+            for p in model.parameters():
+                p.normal_(0, 0.5)
+    return {"gpt": gpt.eval(), "llama": llama.eval()}
+
+
+SEQS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 1], [2], [3, 3, 3, 3, 3], [7, 1, 9, 2]]
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_next_token_logprobs_equal_one_unpadded_pass_per_sequence(name, batch_size):
+    model = tiny_models()[name]
+    last = next_token_logprobs(model, SEQS, batch_size=batch_size)
+    assert last.shape == (len(SEQS), 11)
+    positions = [[0, 2], [7, 0, 3], [0], [4], [1, 2, 3]]
+    picked = next_token_logprobs(model, SEQS, positions, batch_size=batch_size)
+    for i, seq in enumerate(SEQS):
+        with torch.no_grad():
+            alone = torch.log_softmax(model(torch.tensor([seq]))[0][0], -1)    # (T, V), no padding
+        torch.testing.assert_close(last[i], alone[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(picked[i], alone[positions[i]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_score_continuations_equals_continuation_logprobs(name):
+    model = tiny_models()[name]
+    tok = CharTokenizer("abcdefghijk")                        # 11 characters: ids 0..10
+    pairs = [("abc", "d"), ("k", "jihgf"), ("abcabcabc", "ab"), ("e", "e"), ("he", "ha")]
+    prompts = [tok.encode(p) for p, _ in pairs]
+    conts = [tok.encode(c) for _, c in pairs]
+    batched = score_continuations(model, prompts, conts, batch_size=3)
+    for (p, c), lp in zip(pairs, batched):
+        torch.testing.assert_close(lp, continuation_logprobs(model, tok, p, c), rtol=1e-5, atol=1e-5)
+    assert [len(lp) for lp in batched] == [1, 5, 2, 1, 2]
+
+
+def test_score_continuations_of_a_bigram_by_hand():
+    model = Bigram([[0.25, 0.75], [0.9, 0.1]])
+    lp = score_continuations(model, [[0], [1, 1], [0]], [[1, 0, 1], [0], [0]])
+    torch.testing.assert_close(lp[0], torch.tensor([0.75, 0.9, 0.75]).log())
+    torch.testing.assert_close(lp[1], torch.tensor([0.9]).log())
+    torch.testing.assert_close(lp[2], torch.tensor([0.25]).log())
+
+
+def test_batched_scoring_bad_inputs():
+    model = tiny_models()["gpt"]
+    with pytest.raises(ValueError, match="sequences must be a non-empty list"):
+        next_token_logprobs(model, [])
+    with pytest.raises(ValueError, match=r"sequences\[1\] must be a non-empty list"):
+        next_token_logprobs(model, [[1], []])
+    with pytest.raises(ValueError, match=r"sequences\[0\] holds something that is not a token id in \[0, 11\)"):
+        next_token_logprobs(model, [[1, 11]])
+    with pytest.raises(ValueError, match="sequence 1 has 33 tokens, more than block_size=32"):
+        next_token_logprobs(model, [[1], [1] * 33])
+    with pytest.raises(ValueError, match=r"positions\[0\] must be a list of ints in \[0, 2\)"):
+        next_token_logprobs(model, [[1, 2]], [[2]])
+    with pytest.raises(ValueError, match="one list of positions per sequence"):
+        next_token_logprobs(model, [[1, 2]], [[0], [1]])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        next_token_logprobs(model, [[1, 2]], batch_size=0)
+    with pytest.raises(ValueError, match="need one continuation per prompt, got 2 prompts and 1"):
+        score_continuations(model, [[1], [2]], [[3]])
+    model.train()
+    next_token_logprobs(model, [[1, 2]])
+    assert model.training                              # its mode is given back
+
+
+# ---------------------------------------------------------------- wilson_interval
+
+
+@pytest.mark.parametrize("k,n", [(0, 50), (1, 50), (25, 50), (37, 60), (60, 60), (3, 7)])
+def test_wilson_bounds_solve_the_score_equation(k, n):
+    # Wilson's interval is the set of p with |k/n - p| <= z sqrt(p (1 - p) / n):
+    # its ends are the roots of (k/n - p)^2 = z^2 p (1 - p) / n
+    z = 1.959964
+    low, high = wilson_interval(k, n)
+    assert 0 <= low <= k / n <= high <= 1
+    for p in (low, high):
+        if 0 < p < 1:
+            assert (k / n - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, rel=1e-9, abs=1e-12)
+    if k == 0:
+        assert low == 0 and high == pytest.approx(z * z / (n + z * z))
+    if k == n:
+        assert high == 1 and low == pytest.approx(n / (n + z * z))
+
+
+def test_wilson_bad_inputs():
+    with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match=r"successes must be in \[0, n=5\], got 6"):
+        wilson_interval(6, 5)
