@@ -241,3 +241,49 @@ def test_a_long_prompt_is_read_in_pieces_while_another_answer_keeps_coming(tiny_
     assert len(first.tokens) == 100 and len(steps) >= 100
     for seq, prompt, n in ((first, short, 100), (second, long, 2)):
         assert seq.tokens == tiny_llama.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+
+
+def test_requests_that_share_a_beginning_join_and_leave_and_find_it_in_the_prefix_cache(tiny_llama):
+    """Chapter 16's scene: five requests, all starting with the same 10 tokens (a
+    system message), two rows. Submitted together, the first two are read in one
+    pass; each later one joins when a row frees up and finds exactly the shared
+    beginning in the prefix cache (their next tokens all differ, so nothing more
+    can match). Answers of different lengths leave at different steps; every
+    answer is one-at-a-time greedy decoding's."""
+    class Ids:
+        def decode(self, ids):
+            return "".join(f"<{i}>" for i in ids)
+
+    torch.manual_seed(4)
+    shared = torch.randint(0, 50, (10,)).tolist()
+    firsts = torch.randperm(50)[:5].tolist()                       # distinct: the prompts part here
+    prompts = [shared + [f] + torch.randint(0, 50, (n,)).tolist() for f, n in zip(firsts, (2, 5, 0, 3, 1))]
+    lengths = [3, 8, 5, 6, 4]
+    expected = [tiny_llama.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
+                for p, n in zip(prompts, lengths)]
+    engine = Engine(tiny_llama, Ids(), max_batch=2, max_length=64)
+    steps, step = [], engine.batch.step
+
+    def recorded(chunks):
+        steps.append([len(c) for c in chunks])
+        return step(chunks)
+    engine.batch.step = recorded
+    done = threading.Semaphore(0)
+    seqs = [Sequence(p, n, lambda kind, data: kind != "text" and done.release(), temperature=0)
+            for p, n in zip(prompts, lengths)]
+    try:
+        with engine.cond:                                          # all wait for the first plan
+            for s in seqs:
+                engine.submit(s)
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert [s.tokens for s in seqs] == expected
+    assert steps[0] == [len(prompts[0]), len(prompts[1])]          # two prompts, one pass
+    assert [s.cached_tokens for s in seqs] == [0, 0, 10, 10, 10]
+    assert engine.stats["prompt_tokens"] == sum(map(len, prompts)) - 30
+    assert engine.stats["reused_tokens"] == 30
+    assert max(map(len, steps)) == 2 and engine.stats["max_batch_seen"] == 2
+    # the passes fed the prompts' uncached tokens and every answer token but each answer's last
+    assert sum(map(sum, steps)) == sum(map(len, prompts)) - 30 + sum(lengths) - len(prompts)
