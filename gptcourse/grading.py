@@ -200,8 +200,9 @@ def _describe(x):
 def compare(got, expected, rtol=None, atol=None):
     """None when got matches expected; otherwise a readable reason.
 
-    Tensors must match in shape, dtype and value (tolerances by dtype; NaN
-    never matches). Tuples, lists, ints and bools compare element-wise.
+    Tensors must match in shape, dtype and value (tolerances by dtype unless
+    given; NaN never matches). Tuples, lists, ints and bools compare
+    element-wise; a str must be equal, and the reason shows where it differs.
     """
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
@@ -244,6 +245,15 @@ def compare(got, expected, rtol=None, atol=None):
         if isinstance(got, float) and math.isfinite(got) and got.is_integer():
             got = int(got)
         return None if isinstance(got, int) and got == expected else f"expected {expected}, got {got!r}"[:160]
+    if isinstance(expected, str):
+        if not isinstance(got, str):
+            return f"expected a str, got {_describe(got)}"
+        if got == expected:
+            return None
+        i = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        start = max(0, i - 20)
+        return (f"the texts differ from character {i} on: expected ...{expected[start:i + 30]!r}, "
+                f"got ...{got[start:i + 30]!r}")[:300]
     return None if got == expected else f"expected {expected!r}, got {got!r}"[:160]
 
 
@@ -279,7 +289,7 @@ def evaluate(exercise, outcomes, inputs):
         if status == "ok":
             expected = exercise.reference(*args)
             try:                                   # an output of any form is a failed test, never a crash
-                reason = compare(value, expected)
+                reason = compare(value, expected, case.rtol, case.atol)
             except Exception as e:
                 reason = f"the output could not be compared with the expected one ({type(e).__name__})"
         else:
@@ -289,12 +299,17 @@ def evaluate(exercise, outcomes, inputs):
         tests.append(dict(name=case.name, points=case.points if passed else 0, possible=case.points,
                           passed=passed, message="" if passed else reason))
         if not passed and status == "ok":
+            matched = []
             for mistake, wrong, hint in exercise.mistakes:
                 try:
-                    if compare(value, wrong(*args)) is None and hint not in hints:
-                        hints.append(hint)
+                    if compare(value, wrong(*args), case.rtol, case.atol) is None and hint not in matched:
+                        matched.append(hint)
                 except Exception:
                     pass
+            # two different mistakes that give this very output (a KV cache without the factor 2 in
+            # bfloat16 is also its number of elements): this case cannot tell which; others can
+            if len(matched) == 1 and matched[0] not in hints:
+                hints.append(matched[0])
     if any(c.fixed and not c.trivial and t["passed"] for c, t in zip(exercise.cases, tests)) and \
             not any(t["passed"] for c, t in zip(exercise.cases, tests) if not c.fixed):
         # right only on the worked examples, wrong on every fresh input: hard-coded answers?

@@ -8,6 +8,7 @@ the same notebooks with the blocks filled in).
 Each graded function is followed by a check cell that calls
 gptcourse.grading.check, which prints PASS/FAIL per test, points and hints.
 """
+import re
 from pathlib import Path
 
 import nbformat
@@ -195,14 +196,21 @@ computes its own.""", [
     raise NotImplementedError
     # END''', '''    return torch.cat([cache_k, k_new], dim=-2), torch.cat([cache_v, v_new], dim=-2)'''),
     ]),
-    "14_a_real_chat_model": ("Exercises 14: RMSNorm and rotary embeddings", "14_a_real_chat_model", r"""
+    "14_a_real_chat_model": ("Exercises 14: the pieces of a real chat model", "14_a_real_chat_model", r"""
 Recap. RMSNorm scales each token's vector by the root mean square of its
 features, with no centring and no bias:
 $\mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\frac{1}{C}\sum_i x_i^2 + \epsilon}} \odot g$.
 Rotary embeddings rotate each adjacent pair $(x_{2i}, x_{2i+1})$ of a query or
 key at position $m$ by the angle $m\,\theta_i$, $\theta_i = b^{-2i/d}$:
 $x'_{2i} = x_{2i}\cos m\theta_i - x_{2i+1}\sin m\theta_i$,
-$x'_{2i+1} = x_{2i}\sin m\theta_i + x_{2i+1}\cos m\theta_i$.""", [
+$x'_{2i+1} = x_{2i}\sin m\theta_i + x_{2i+1}\cos m\theta_i$.
+Grouped-query attention gives $H$ query heads only $H_{kv}$ key/value heads:
+with $g = H / H_{kv}$, query heads $0 \dots g-1$ share key/value head 0, the
+next $g$ share head 1, and so on. SmolLM2 reads a conversation in ChatML: each
+message is `<|im_start|>{role}\n{content}<|im_end|>\n`, a conversation
+without a system message gets SmolLM2's default one first, and the prompt ends
+with `<|im_start|>assistant\n`, after which the model writes. The KV cache
+keeps a key and a value per layer, key/value head and position.""", [
         ("rms_norm", '''def rms_norm(x, weight, eps=1e-5):
     """x: (..., C); weight: (C,). Returns (..., C)."""
     # YOUR CODE
@@ -211,18 +219,55 @@ $x'_{2i+1} = x_{2i}\sin m\theta_i + x_{2i+1}\cos m\theta_i$.""", [
         ("rope", '''def apply_rope(x, positions, base=10000.0):
     """x: (..., T, d) queries or keys, d even; positions: (T,) integers.
     Rotate pair (x_2i, x_2i+1) of the token at position m by m * base^(-2i/d).
-    Returns (..., T, d)."""
+    Returns (..., T, d) in x's dtype; compute the angles in float32 or float64."""
     # YOUR CODE
     raise NotImplementedError
     # END''', '''    d = x.shape[-1]
     theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)       # (d/2,)
     angle = positions.double()[:, None] * theta                            # (T, d/2)
-    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = torch.empty_like(x)
+    wide = torch.promote_types(x.dtype, torch.float32)                     # float16 -> float32
+    cos, sin = torch.cos(angle).to(wide), torch.sin(angle).to(wide)
+    even, odd = x[..., 0::2].to(wide), x[..., 1::2].to(wide)
+    out = torch.empty(x.shape, dtype=wide)
     out[..., 0::2] = even * cos - odd * sin
     out[..., 1::2] = even * sin + odd * cos
-    return out'''),
+    return out.to(x.dtype)'''),
+        ("gqa", '''def grouped_query_attention(q, k, v):
+    """Causal attention with shared key/value heads.
+
+    q: (B, H, T, d); k, v: (B, H_kv, T, d), H a multiple of H_kv. Query head h
+    reads key/value head h // (H // H_kv). Position i attends to positions j <= i.
+    Returns (B, H, T, d).
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)                                   # (B, H, T, d)
+    v = v.repeat_interleave(group, dim=1)
+    T = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])              # (B, H, T, T)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v'''),
+        ("chatml", '''SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chatml_prompt(messages):
+    """The ChatML text SmolLM2 reads for a conversation, ending with the
+    assistant's generation prompt. messages: a list of {"role", "content"}
+    dicts; without a system message first, SMOLLM2_SYSTEM comes first."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + list(messages)
+    text = "".join(f"<|im_start|>{m['role']}\\n{m['content']}<|im_end|>\\n" for m in messages)
+    return text + "<|im_start|>assistant\\n"'''),
+        ("kv_bytes", '''def kv_cache_bytes_per_token(n_layer, n_head, n_kv_head, head_size, bytes_per_element):
+    """The bytes the KV cache holds for one token of one sequence, for a model with
+    n_layer layers, n_head query heads and n_kv_head key/value heads of head_size
+    numbers, stored with bytes_per_element bytes each (4: float32, 2: bfloat16)."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    return 2 * n_layer * n_kv_head * head_size * bytes_per_element'''),
     ]),
 }
 
@@ -240,7 +285,8 @@ def build(name, solutions):
     for key, stub, solution in items:
         source = stub.replace("    raise NotImplementedError", solution) if solutions else stub
         cells.append(new_code_cell(source))
-        cells.append(new_code_cell(f'check("{key}", {stub.split("(")[0][4:]})'))
+        function = re.search(r"^def (\w+)\(", stub, re.M).group(1)
+        cells.append(new_code_cell(f'check("{key}", {function})'))
     for i, cell in enumerate(cells):               # stable ids: regenerating changes nothing
         cell.id = f"cell-{i}"
     return new_notebook(cells=cells, metadata={

@@ -230,6 +230,7 @@ WRONG = [
     ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(), 1, "BELOW the diagonal"),
     ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1), 0, "keep the diagonal"),
     ("causal_mask", lambda T: torch.ones(T, T).tril(), 0, "bool tensor"),
+    ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).triu(1), 0, "True = blocked"),
     ("split_heads", lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1), 1, "swap the T and H"),
     ("merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1), 1, "transpose(1, 2)"),
     ("positional", pe_swapped, 0, "look swapped"),
@@ -260,6 +261,82 @@ WRONG = [
     ("count_params", count_no_final_ln, 0, "final LayerNorm"),
     ("top_k", topk_neg, 1, "not a large negative number"),
     ("top_p", topp_sorted, 0, "original token order"),
+]
+
+
+# chapter 14's new exercises: wrong submissions written as a student would
+
+def rope_float32_angles(x, positions, base=10000.0):   # right: float32 angles, as chapter 14 computes them
+    d = x.shape[-1]
+    theta = 1.0 / base ** (torch.arange(0, d, 2).float() / d)
+    angle = positions[:, None] * theta                 # int64 * float32 -> float32
+    cos, sin = angle.cos(), angle.sin()
+    a, b = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
+
+
+def rope_integer_exponent(x, positions, base=10000.0):
+    d = x.shape[-1]
+    theta = base ** -(torch.arange(0, d, 2) // d)      # integer division: every exponent is 0
+    angle = positions.double()[:, None] * theta
+    a, b = x[..., 0::2], x[..., 1::2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+def rope_half_angles(x, positions, base=10000.0):      # the angles in x's dtype
+    d = x.shape[-1]
+    theta = (base ** (-torch.arange(0, d, 2) / d)).to(x.dtype)
+    angle = positions.to(x.dtype)[:, None] * theta
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten(-2)
+
+
+def rope_float32_result(x, positions, base=10000.0):   # never cast back to x's dtype
+    d = x.shape[-1]
+    angle = positions.float()[:, None] * base ** (-torch.arange(0, d, 2).float() / d)
+    a, b = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1).flatten(-2)
+
+
+def _gqa_student(q, k, v, tile=False, scale=True, causal=True):
+    g = q.shape[1] // k.shape[1]
+    if tile:
+        k, v = k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1)
+    else:
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2)
+    if scale:
+        s = s / q.shape[-1] ** 0.5
+    if causal:
+        T = q.shape[2]
+        s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def _chatml_student(messages, system=True, end="<|im_end|>\n", prompt="<|im_start|>assistant\n"):
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": SYSTEM}] + messages
+    return "".join("<|im_start|>" + m["role"] + "\n" + m["content"] + end for m in messages) + prompt
+
+
+WRONG += [
+    ("rope", rope_integer_exponent, 1, "true division"),
+    ("rope", rope_half_angles, 4, "not in x's dtype"),
+    ("rope", rope_float32_result, 3, "cast back with .to(x.dtype)"),
+    ("gqa", lambda q, k, v: _gqa_student(q, k, v, tile=True), 2, "repeat_interleave"),
+    ("gqa", lambda q, k, v: _gqa_student(q, k, v, scale=False), 1, "sqrt(d)"),
+    ("gqa", lambda q, k, v: _gqa_student(q, k, v, causal=False), 1, "causal"),
+    ("chatml", lambda m: _chatml_student(m, system=False), 2, "default one first"),
+    ("chatml", lambda m: _chatml_student(m, end="<|im_end|>"), 0, "AND a newline"),
+    ("chatml", lambda m: _chatml_student(m, prompt=""), 0, "generation prompt <|im_start|>assistant"),
+    ("chatml", lambda m: _chatml_student(m, prompt="<|im_start|>assistant"), 0, "ends with a newline too"),
+    ("kv_bytes", lambda L, H, H_kv, d, b: L * H_kv * d * b, 0, "multiply by 2"),
+    ("kv_bytes", lambda L, H, H_kv, d, b: 2 * L * H * d * b, 0, "n_head does not enter"),
+    ("kv_bytes", lambda L, H, H_kv, d, b: 2 * L * H_kv * d, 0, "multiply by bytes_per_element"),
 ]
 
 
@@ -799,3 +876,117 @@ def test_sandbox_limits_hold_without_the_audit_hook(tmp_path):
     # 300 MB of output: the grader keeps the last 64 KB
     run, _ = run_raw_worker(tmp_path, "for _ in range(300):\n    os.write(2, b'x' * (1 << 20))\n", timeout_s=30)
     assert len(run["stderr"]) == 64 * 1024 and not run["timed_out"]
+
+
+# --- chapter 14's exercises against the course's own implementations -------------
+
+def test_rope_accepts_float32_angles_as_chapter_14_computes_them():
+    """Angles m * theta in float32 (gptcourse.llama.rope_angles, and a student following
+    chapter 14) are off by ~1e-5 near m = 100: every case must still pass, and so must
+    the library's own RoPE (its outputs compared outside the grader, which forbids it)."""
+    from gptcourse import llama
+    exercise = EXERCISES["rope"]
+    for seed in SEEDS:
+        assert grade("rope", rope_float32_angles, seed=seed)["points"] == exercise.possible
+        for case, args in zip(exercise.cases, grading.case_inputs(exercise, seed)):
+            x, positions, base = args
+            ours = llama.apply_rope(x, llama.rope_angles(positions, x.shape[-1], base))
+            assert grading.compare(ours, exercise.reference(*args), case.rtol, case.atol) is None, case.name
+    # the tolerance is loose enough for float32 angles, not for a wrong angle: position + 1
+    # changes the first pair by up to 2 sin(1/2) ~ 0.96 at |x| ~ 1
+    x = torch.randn(1, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = torch.arange(100, 104)
+    off = (llama.apply_rope(x, llama.rope_angles(p, 16)).double() - exercises.rope_ref(x, p)).abs().max().item()
+    assert 1e-7 < off < 1e-4            # float32 angles: beyond float64's default atol, within the case's
+
+
+def test_rope_reference_by_hand():
+    """One pair rotated by hand: position 3, d = 2 (theta_0 = 1), so the angle is 3 radians."""
+    x = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 1.0]]], dtype=torch.float64)
+    out = exercises.rope_ref(x, torch.arange(4))
+    c, s = math.cos(3.0), math.sin(3.0)
+    assert out[0, 3].tolist() == pytest.approx([2 * c - 1 * s, 2 * s + 1 * c], abs=1e-15)
+    assert exercises.rope_ref(x.half(), torch.arange(4)).dtype == torch.float16
+
+
+def test_gqa_reference_is_the_library_attention():
+    """gqa_ref inside the library's GroupedQueryAttention (its projections and RoPE by hand)
+    gives the module's output, for SmolLM2's 9 query / 3 key-value heads."""
+    from gptcourse import llama
+    torch.manual_seed(0)
+    attn = llama.GroupedQueryAttention(n_embd=36, n_head=9, n_kv_head=3, fast=False).double()
+    x = torch.randn(2, 5, 36, dtype=torch.float64)
+    angles = llama.rope_angles(torch.arange(5), 4)
+    B, T, d = 2, 5, 4
+    q = llama.apply_rope(attn.w_q(x).view(B, T, 9, d).transpose(1, 2), angles)
+    k = llama.apply_rope(attn.w_k(x).view(B, T, 3, d).transpose(1, 2), angles)
+    v = attn.w_v(x).view(B, T, 3, d).transpose(1, 2)
+    out = attn.w_o(exercises.gqa_ref(q, k, v).transpose(1, 2).reshape(B, T, 36))
+    torch.testing.assert_close(out, attn(x, angles))
+    # query head h reads key/value head h // 3: heads 0-2 see only k[:, 0], so changing
+    # key/value head 1 changes query heads 3-5 and no other
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 1] += 1.0
+    v2[:, 1] += 1.0
+    changed = (exercises.gqa_ref(q, k2, v2) - exercises.gqa_ref(q, k, v)).abs().amax(dim=(0, 2, 3)) > 1e-9
+    assert changed.tolist() == [False] * 3 + [True] * 3 + [False] * 3
+
+
+def test_chatml_reference_by_hand():
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "2 + 2?"}]
+    assert exercises.chatml_ref(messages) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert exercises.chatml_ref(own) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    # the notebook's solution and the reference agree on every generated conversation
+    assert grade("chatml", SOLUTIONS["chatml_prompt"], seed=1)["points"] == EXERCISES["chatml"].possible
+
+
+def test_kv_bytes_against_the_llama_model_and_by_hand():
+    """SmolLM2-135M: 2 (K and V) x 30 layers x 3 key/value heads x 64 numbers x 4 bytes
+    = 46,080 bytes per token in float32 (45 KiB), 23,040 in bfloat16; the model's own
+    count (built on the meta device: no memory) says the same."""
+    from gptcourse import llama
+    assert 2 * 30 * 3 * 64 * 4 == 46_080
+    assert exercises.kv_bytes_ref(30, 9, 3, 64, 4) == 46_080
+    assert exercises.kv_bytes_ref(30, 9, 3, 64, 2) == 23_040
+    with torch.device("meta"):
+        model = llama.Llama(llama.SMOLLM2_135M)
+    c = model.config
+    args = (c.n_layer, c.n_head, c.n_kv_head, c.head_size)
+    assert model.kv_cache_bytes_per_token() == exercises.kv_bytes_ref(*args, 4) == 46_080
+    assert model.to(torch.bfloat16).kv_cache_bytes_per_token() == exercises.kv_bytes_ref(*args, 2)
+    # the graded case "SmolLM2-135M in float32" asks exactly this config
+    case = EXERCISES["kv_bytes"].cases[0]
+    assert case.make(None) == (*args, 4)
+
+
+def test_string_answers_show_where_they_differ():
+    reason = grading.compare("<|im_start|>user\nHi<|im_end|><|im_start|>", "<|im_start|>user\nHi<|im_end|>\n<|im_")
+    assert "from character 29" in reason          # 12 + 4 + 1 + 2 + 10 characters agree and "<|im_end|>\\n" in reason
+    assert grading.compare("abc", "abc") is None
+    assert grading.compare(3, "abc") == "expected a str, got int 3"
+
+
+def test_a_case_that_cannot_tell_two_mistakes_apart_gives_no_hint_of_its_own():
+    """Without the factor 2 in bfloat16 (2 bytes) the answer is also the number of
+    elements: that case alone names neither mistake; the float32 case names the right one."""
+    result = grade("kv_bytes", lambda L, H, H_kv, d, b: L * H_kv * d * b, seed=3)
+    assert len(result["hints"]) == 1 and "multiply by 2" in result["hints"][0]
+
+
+def test_batch_grading_carries_chapter_14s_strings_lists_and_ints():
+    """Through the worker process (our own notebooks, so without the sandbox): the ChatML
+    exercise's list-of-dict inputs and str outputs, and the KV-cache exercise's int
+    outputs, go through torch.save and back; the solutions earn full marks, the stubs zero."""
+    for folder, full in ((ROOT / "exercises" / "solutions", True), (ROOT / "exercises", False)):
+        path = folder / "14_a_real_chat_model.ipynb"
+        report = grading.grade_one(path.stem, path.read_text(), seed=5, notebook=path.stem, sandbox=False,
+                                   timeout_s=120)
+        assert report["status"] == "graded", report["status"]
+        for key, result in report["exercises"].items():
+            assert result["points"] == (result["possible"] if full else 0), (key, result)
