@@ -340,8 +340,12 @@ def _padded_batches(model, sequences, batch_size):
     Sequences are sorted by length first, so a batch holds similar lengths and
     little padding. Right padding changes nothing before it: in a causal model
     a position sees only the positions before it, and every row keeps positions
-    0, 1, ... for its own tokens.
+    0, 1, ... for its own tokens. The tokens that all rows of a batch begin with
+    (a shared system prompt, say) are computed once, for one row, and their keys
+    and values copied to every row's KVCache (for models with `blocks` that
+    take `caches`, as GPT and Llama do).
     """
+    from .attention import KVCache
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not getattr(model.config, "causal", True):
@@ -355,11 +359,28 @@ def _padded_batches(model, sequences, batch_size):
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        T = max(len(sequences[i]) for i in rows)
-        idx = torch.zeros(len(rows), T, dtype=torch.long)
-        for r, i in enumerate(rows):
-            idx[r, :len(sequences[i])] = torch.tensor(sequences[i])
-        yield rows, model(idx.to(device))[0]
+        seqs = [sequences[i] for i in rows]
+        T = max(len(s) for s in seqs)
+        P = 0                                            # the shared prefix, leaving each row a token
+        while P < min(len(s) for s in seqs) - 1 and all(s[P] == seqs[0][P] for s in seqs):
+            P += 1
+        if P < 2 or len(rows) == 1 or not hasattr(model, "blocks"):
+            P = 0
+        idx = torch.zeros(len(rows), T - P, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            idx[r, :len(s) - P] = torch.tensor(s[P:])
+        if P == 0:
+            yield rows, model(idx.to(device))[0]
+            continue
+        caches = [KVCache() for _ in model.blocks]
+        head = model(torch.tensor([seqs[0][:P]], device=device), caches=caches)[0]      # (1, P, V)
+        shared = []
+        for cache in caches:                             # the prefix's keys and values, for every row
+            copy = KVCache()
+            copy.update(cache.k.expand(len(rows), -1, -1, -1), cache.v.expand(len(rows), -1, -1, -1))
+            shared.append(copy)
+        tail = model(idx.to(device), caches=shared)[0]                                 # (b, T - P, V)
+        yield rows, torch.cat([head.expand(len(rows), -1, -1), tail], dim=1)           # (b, T, V)
 
 
 @torch.no_grad()

@@ -249,6 +249,22 @@ def test_next_token_logprobs_equal_one_unpadded_pass_per_sequence(name, batch_si
 
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])
+@pytest.mark.parametrize("batch_size", [2, 3, 16])
+def test_a_shared_prefix_computed_once_changes_nothing(name, batch_size):
+    # every sequence starts with the same 4 tokens (a system prompt, say); positions inside
+    # the prefix, at its end and after it; one sequence is the prefix plus one token
+    model = tiny_models()[name]
+    system = [5, 1, 9, 4]
+    seqs = [system + s for s in ([1, 2, 3], [7], [2, 2, 8, 6, 10, 3], [3, 3])]
+    positions = [[0, 3, 6], [4, 1], [9, 2, 5], [5]]
+    picked = next_token_logprobs(model, seqs, positions, batch_size=batch_size)
+    for seq, pos, got in zip(seqs, positions, picked):
+        with torch.no_grad():
+            alone = torch.log_softmax(model(torch.tensor([seq]))[0][0], -1)
+        torch.testing.assert_close(got, alone[pos], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_score_continuations_equals_continuation_logprobs(name):
     model = tiny_models()[name]
     tok = CharTokenizer("abcdefghijk")                        # 11 characters: ids 0..10
