@@ -641,3 +641,103 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
         # the prompt's ids stay; the turn so far (the result holds no markup) is re-encoded
         ids = prompt_ids + tokenizer.encode(turn, allow_special=False)
         steps = model.stream(torch.tensor([ids], device=device), max_new_tokens - written, temperature=0)
+
+
+# ----------------------------------------------------------------------------
+# Many questions at once: batched greedy decoding for a chat model
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokenizer=None, memory=None):
+    """Greedy continuations of many prompts, decoded together (a gptcourse.llama.Llama).
+
+    prompts: n lists of token ids (None: a row that sits this call out).
+    Their longest common beginning (a shared system message and examples) is
+    read once, in one row, and its keys and values are copied to every row;
+    then every row reads the rest of its prompt, all rows in one forward pass
+    (gptcourse.batching.llama_step), and each later step decodes one token for
+    every row still running. A row stops at a token of stop_ids (not kept),
+    once its decoded text contains the string `stop` (kept; needs the
+    tokenizer), or after max_new_tokens. Returns n lists of new token ids:
+    those of greedy decoding one prompt at a time (tests/test_tools.py).
+
+    memory: a dict that keeps the rows' keys and values (and their tokens)
+    after the call. A later call with the same dict and as many prompts reads
+    each prompt only from where it departs from what its row already holds:
+    the second turn of a conversation costs only its new tokens.
+    """
+    from .batching import RaggedKVCache, llama_step
+    if not prompts or any(p is not None and (not isinstance(p, (list, tuple)) or len(p) < 1)
+                          for p in prompts) or all(p is None for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists (or None)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if stop is not None and tokenizer is None:
+        raise ValueError("stop needs the tokenizer (to decode each row's text)")
+    config, n = model.config, len(prompts)
+    live = [r for r in range(n) if prompts[r] is not None]
+    longest = max(len(prompts[r]) for r in live) + max_new_tokens
+    if longest > config.block_size:
+        raise ValueError(f"a prompt and its {max_new_tokens} new tokens need {longest} positions; "
+                         f"the model has {config.block_size}")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    held = memory.get("ids") if memory is not None else None
+    if held is not None and len(held) != n:
+        raise ValueError(f"memory holds {len(held)} rows, but {n} prompts were given")
+    if held is None:
+        cache = RaggedKVCache(config.n_layer, n, config.n_kv_head, config.head_size, config.block_size,
+                              dtype=dtype, device=device)
+        held = [[] for _ in range(n)]
+        first = [prompts[r] for r in live]
+        shared = 0                               # the common beginning, leaving each row >= 1 token
+        while (shared < min(map(len, first)) - 1
+               and all(p[shared] == first[0][shared] for p in first)):
+            shared += 1
+        if shared:
+            one = RaggedKVCache(config.n_layer, 1, config.n_kv_head, config.head_size, shared,
+                                dtype=dtype, device=device)
+            llama_step(model, [first[0][:shared]], one)
+            k, v = one.get(0)
+            for r in live:
+                cache.put(r, k, v)
+                held[r] = list(first[0][:shared])
+    else:
+        cache = memory["cache"]
+    cache.reserve(longest)
+    chunks = [[] for _ in range(n)]
+    for r in live:                               # each row reads its prompt from where it departs
+        same = 0
+        limit = min(len(held[r]), len(prompts[r]) - 1)
+        while same < limit and held[r][same] == prompts[r][same]:
+            same += 1
+        cache.lengths[r] = same
+        held[r] = list(prompts[r])
+        chunks[r] = list(prompts[r][same:])
+    new = [[] for _ in range(n)]
+    running = [r in live for r in range(n)]
+    stop_ids = set(stop_ids)
+    for _ in range(max_new_tokens):
+        logits = llama_step(model, chunks, cache)                          # (n, V)
+        chunks = [[] for _ in range(n)]
+        for r in range(n):
+            if not running[r]:
+                continue
+            token = int(logits[r].argmax())
+            if token in stop_ids:
+                running[r] = False
+                continue
+            new[r].append(token)
+            if stop is not None and stop in tokenizer.decode(new[r]):
+                running[r] = False
+            elif len(new[r]) < max_new_tokens:
+                chunks[r] = [token]
+                held[r].append(token)
+            else:
+                running[r] = False
+        if not any(chunks):
+            break
+    if memory is not None:
+        memory["cache"], memory["ids"] = cache, held
+    return new

@@ -352,3 +352,101 @@ def test_chat_tool_loop_runs_the_real_models_call():
     assert "3884" in run.answer                                   # 4821 - 937, from the calculator
     alone = chat_tool_loop(model, tok, question, use_tools=False)
     assert alone.calls == [] and "[3884]" not in alone.text       # nothing was run for it
+
+
+# ----------------------------------------------------------------------------
+# greedy_batch: many prompts decoded together == one at a time
+# ----------------------------------------------------------------------------
+
+def _tiny_llama():
+    from gptcourse.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48,
+                         block_size=64)
+    model = Llama(config).double().eval()      # float64: no argmax decided by rounding
+    with torch.no_grad():
+        for p in model.parameters():           # weights large enough for peaked, varied logits
+            p.normal_(0, 0.5)
+    return model
+
+
+@torch.no_grad()
+def _one_at_a_time(model, prompt, max_new, stop_ids=(), stop=None, decode=None):
+    """Greedy decoding by the model's own full forward pass, nothing cached."""
+    ids, new = list(prompt), []
+    for _ in range(max_new):
+        logits, _ = model(torch.tensor([ids]))
+        token = int(logits[0, -1].argmax())
+        if token in stop_ids:
+            break
+        new.append(token)
+        ids.append(token)
+        if stop is not None and stop in decode(new):
+            break
+    return new
+
+
+class _Chars:
+    """A stand-in tokenizer: token i is the character chr(65 + i)."""
+    @staticmethod
+    def decode(ids):
+        return "".join(chr(65 + i) for i in ids)
+
+
+def test_greedy_batch_equals_one_at_a_time():
+    model = _tiny_llama()
+    rng = random.Random(0)
+    shared = [rng.randrange(40) for _ in range(7)]
+    prompts = [shared + [rng.randrange(40) for _ in range(k)] for k in (1, 3, 6, 2)] + [[5]]
+    free = [_one_at_a_time(model, p, 9) for p in prompts]
+    assert tools.greedy_batch(model, prompts, 9) == free
+    assert all(len(f) == 9 for f in free)
+    stop = {free[0][3], free[2][1]}              # tokens the rows will meet
+    expected = [_one_at_a_time(model, p, 9, stop_ids=stop) for p in prompts]
+    assert tools.greedy_batch(model, prompts, 9, stop_ids=stop) == expected
+    assert sorted(map(len, expected))[0] < 9     # some rows did stop early
+    text = _Chars.decode(free[1][2:4])            # a two-character stop string of row 1
+    expected = [_one_at_a_time(model, p, 9, stop=text, decode=_Chars.decode) for p in prompts]
+    got = tools.greedy_batch(model, prompts, 9, stop=text, tokenizer=_Chars)
+    assert got == expected and got[1] == free[1][:4]
+
+
+def test_greedy_batch_memory_reads_only_the_new_tokens(monkeypatch):
+    from gptcourse import batching
+    model = _tiny_llama()
+    rng = random.Random(1)
+    prompts = [[rng.randrange(40) for _ in range(k)] for k in (4, 6, 5)]
+    memory = {}
+    first = tools.greedy_batch(model, prompts, 5, memory=memory)
+    extra = [[3, 4], [7], [9, 9, 9]]
+    second = [p + f + e for p, f, e in zip(prompts, first, extra)]
+    second[1] = None                                      # row 1 sits this turn out
+    read = []
+    real_step = batching.llama_step
+    monkeypatch.setattr(batching, "llama_step",
+                        lambda m, chunks, cache: read.append(sum(map(len, chunks))) or real_step(m, chunks, cache))
+    got = tools.greedy_batch(model, second, 6, memory=memory)
+    # each row's cache holds its prompt and all but its last new token: that one and
+    # the extra tokens are all it reads
+    assert read[0] == sum(1 + len(e) for e, s in zip(extra, second) if s is not None)
+    assert got[1] == []
+    for row in (0, 2):
+        assert got[row] == _one_at_a_time(model, second[row], 6)
+
+
+def test_greedy_batch_refuses_bad_input():
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match="non-empty"):
+        tools.greedy_batch(model, [], 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        tools.greedy_batch(model, [[1], []], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tools.greedy_batch(model, [[1]], 0)
+    with pytest.raises(ValueError, match="positions"):
+        tools.greedy_batch(model, [[1] * 60], 10)
+    with pytest.raises(ValueError, match="tokenizer"):
+        tools.greedy_batch(model, [[1]], 3, stop="x")
+    memory = {}
+    tools.greedy_batch(model, [[1], [2]], 2, memory=memory)
+    with pytest.raises(ValueError, match="2 rows"):
+        tools.greedy_batch(model, [[1]], 2, memory=memory)
