@@ -267,7 +267,7 @@ def test_no_beam_beats_the_exhaustive_search_and_a_wider_one_can_beat_greedy():
             assert score <= best + 1e-5          # float32 model: the same sum, another order
             scores.append(score)
         beats += scores[2] > scores[0] + 1e-3
-    assert beats >= 2
+    assert beats >= 4                                    # 5 of these 8 models
 
 
 class PrefixTable(torch.nn.Module):
