@@ -16,8 +16,11 @@ context window (``block_size`` tokens) is simply not seen.
 The course's own model (``train_course_model``) is the chapter-11 GPT: a
 character-level GPT trained on the Python documentation of ``pydoc_data``.
 It was never tuned to follow instructions, so it continues the transcript as
-documentation-like text; that is exactly what chapters 15-16 need to show
+documentation-like text; that is exactly what chapter 16 needs to show
 how a chat API works and where a model without instruction tuning fails.
+Chapter 15 measures a real chat model (gptcourse.llama) with the batched
+scorers at the end of this file: next_token_logprobs, score_continuations
+and wilson_interval.
 """
 
 import torch
@@ -93,7 +96,7 @@ def train_course_model(steps=600, seed=0, device=None, progress=True):
 
 
 # ----------------------------------------------------------------------------
-# Measuring what the model sees and how sure it is (chapter 15)
+# Measuring what a model sees and how sure it is
 # ----------------------------------------------------------------------------
 
 def fit_to_context(messages, tokenizer, block_size, add_generation_prompt=True):
