@@ -3,8 +3,10 @@
 A chat model is still a next-token predictor. What makes it "chat" is a
 transcript format: every message of the conversation so far (system
 instructions, the user's turns, the assistant's earlier answers) is written
-into one text, and the model continues that text after an ``Assistant:``
-cue. Each new turn makes the text longer, and whatever no longer fits the
+into one text, and the model continues that text after a cue for the
+assistant's turn: ``Assistant:`` in the course's format (``format_chat``),
+``<|im_start|>assistant`` in ChatML, SmolLM2's format (``format_chatml``).
+Each new turn makes the text longer, and whatever no longer fits the
 context window (``block_size`` tokens) is simply not seen.
 
     >>> print(format_chat([{"role": "system", "content": "Be brief."},
