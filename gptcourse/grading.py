@@ -37,11 +37,13 @@ How it stays honest:
 """
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
 import random
 import signal
+import stat
 import sys
 import threading
 
@@ -506,11 +508,15 @@ def grade_one(name, nb_text, seed=None, timeout_s=300, memory_mb=3072, notebook=
         return _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout_s, call_timeout_s,
                           sandbox, max_tasks)
     except Exception as e:                       # a bug of the grader's must not cost the others
-        EXERCISES = selected_exercises(notebook)
-        status = f"grading error: {type(e).__name__}: {str(e)[:160]}"
-        return {"student": name, "status": status, "sandbox": _sandbox_label(sandbox),
-                "exercises": {k: evaluate(e_, [("error", status)] * len(e_.cases), [()] * len(e_.cases))
-                              for k, e_ in EXERCISES.items()}}
+        return ungraded(name, f"grading error: {type(e).__name__}: {str(e)[:160]}", sandbox, notebook)
+
+
+def ungraded(name, status, sandbox=True, notebook=None):
+    """The report of a submission that earns nothing, with the reason as its status."""
+    EXERCISES = selected_exercises(notebook)
+    return {"student": name, "status": status, "sandbox": _sandbox_label(sandbox),
+            "exercises": {k: evaluate(e, [("error", status)] * len(e.cases), [()] * len(e.cases))
+                          for k, e in EXERCISES.items()}}
 
 
 def _sandbox_label(sandbox):
@@ -570,6 +576,60 @@ def _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout
     return report
 
 
+def display_name(raw):
+    """A submission's file name (bytes, any) as text: valid UTF-8 as it is, other
+    bytes as \\xNN escapes, so that the CSV and the JSON can always be written.
+
+        >>> display_name(b"ana\\xe9.ipynb"), display_name("ana\u00e9".encode())
+        ('ana\\\\xe9.ipynb', 'ana\u00e9')
+    """
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value):
+    """A spreadsheet reads a text cell that starts with = + - @ (or a tab or a
+    carriage return) as a formula: such cells get a leading apostrophe (OWASP's
+    advice on CSV injection). Numbers are left alone.
+
+        >>> csv_safe("=HYPERLINK(1)"), csv_safe("ana"), csv_safe(-1)
+        ("'=HYPERLINK(1)", 'ana', -1)
+    """
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def read_submission(folder, raw_name, limit=50 * 1024 * 1024):
+    """(text, None) for a regular file of folder; (None, why) for anything else.
+
+    Links are not followed (O_NOFOLLOW: a link to the solution or to a
+    classmate's notebook is not graded), a folder or a FIFO named *.ipynb is
+    not opened for reading (O_NONBLOCK: a FIFO cannot hang the grader), and at
+    most `limit` bytes are read."""
+    path = os.path.join(os.fsencode(folder), raw_name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "not a regular file (a symbolic link): not graded"
+        return None, f"unreadable: {e.strerror}"
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a plain file"
+            return None, f"not a regular file ({kind}): not graded"
+        chunks, left = [], limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks).decode("utf-8", errors="replace"), None
+    except OSError as e:
+        return None, f"unreadable: {e.strerror}"
+    finally:
+        os.close(fd)
+
+
 def _write_atomically(path, text):
     import tempfile
     folder = os.path.dirname(os.path.abspath(path))
@@ -603,28 +663,26 @@ def grade_folder(folder, out_csv, out_json=None, timeout_s=300, memory_mb=3072, 
     EXERCISES = selected_exercises(notebook)
     if sandbox:
         sb.check_bwrap()
-    paths = sorted(p for p in os.listdir(folder)
-                   if p.endswith(".ipynb") and os.path.isfile(os.path.join(folder, p)))
+    # names are bytes (any bytes: old zip tools write names that are not UTF-8);
     # read everything first: a submission that deletes files cannot reach the others
-    texts = {}
-    for p in paths:
-        try:
-            with open(os.path.join(folder, p), "rb") as f:
-                texts[os.path.splitext(p)[0]] = f.read(50 * 1024 * 1024).decode("utf-8", errors="replace")
-        except OSError as e:
-            texts[os.path.splitext(p)[0]] = f"unreadable: {e}"
+    raw_names = sorted(p for p in os.listdir(os.fsencode(folder)) if p.endswith(b".ipynb"))
+    submissions = [(display_name(p[:-len(b".ipynb")]), *read_submission(folder, p)) for p in raw_names]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(grade_one, name, text, None, timeout_s, memory_mb, notebook, cell_timeout_s,
                                call_timeout_s, sandbox, max_tasks)
-                   for name, text in texts.items()]
-        reports = [f.result() for f in tqdm(futures, desc="grading", unit="notebook", disable=not progress)]
+                   for name, text, why in submissions if why is None]
+        graded = iter([f.result() for f in tqdm(futures, desc="grading", unit="notebook",
+                                                disable=not progress)])
+        reports = [next(graded) if why is None else ungraded(name, why, sandbox, notebook)
+                   for name, text, why in submissions]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["student", *EXERCISES, "total", "possible", "status", "sandbox"])
     possible = sum(e.possible for e in EXERCISES.values())
     for r in reports:
         points = [r["exercises"][k]["points"] for k in EXERCISES]
-        writer.writerow([r["student"], *points, sum(points), possible, r["status"], r["sandbox"]])
+        writer.writerow([csv_safe(r["student"]), *points, sum(points), possible, csv_safe(r["status"]),
+                         r["sandbox"]])
     _write_atomically(out_csv, buffer.getvalue())
     _write_atomically(out_json or os.path.splitext(out_csv)[0] + ".json", json.dumps(reports, indent=1))
     return reports

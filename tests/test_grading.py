@@ -652,7 +652,8 @@ def grade_batch(tmp_path, cases, timeout, cell_timeout=3):
     """Grade the cases in one run of the command line; the CSV's rows by student and the output folder."""
     subs = tmp_path / "submissions"
     for name, (text, *_rest) in cases.items():
-        (subs / f"{name}.ipynb").write_text(text)
+        if text is not None:                                # None: the test made the entry itself
+            (subs / f"{name}.ipynb").write_text(text)
     out = tmp_path / "out" / "grades.csv"
     result = subprocess.run(
         [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
@@ -701,7 +702,8 @@ def test_batch_grading_against_attacks(tmp_path):
     subs = tmp_path / "submissions"
     subs.mkdir()
     cases = attack_submissions(subs)
-    (subs / "zoe_folder.ipynb").mkdir()                     # a folder whose name ends in .ipynb
+    (subs / "zoe_folder.ipynb").mkdir()                     # a folder whose name ends in .ipynb: a row, 0 points
+    cases["zoe_folder"] = (None, 0, 0, "not a regular file (a folder)")
     rows, out = grade_batch(tmp_path, cases, timeout=90)
     assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status",
                                                "sandbox"]
@@ -747,6 +749,40 @@ def test_no_bubblewrap_refuses_unless_unsafe(tmp_path, monkeypatch, capsys):
     assert reports[0]["exercises"]["sdpa"]["points"] == 8
     row = next(csv.DictReader((tmp_path / "g.csv").open()))
     assert row["sandbox"] == "NONE (--unsafe-no-sandbox)"
+
+
+def test_the_submissions_folder_is_data(tmp_path):
+    """Links are not followed (one to the solution, one to a classmate's notebook),
+    a FIFO or a folder named *.ipynb is a row with 0 points and a reason, a name
+    that is not UTF-8 costs nobody the CSV or the JSON, and a name that a
+    spreadsheet would read as a formula is neutralised in the CSV."""
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    solved = json.dumps(SOLVED)
+    (subs / "alice.ipynb").write_text(solved)
+    (subs / "=HYPERLINK(1).ipynb").write_text(solved)
+    with open(os.path.join(os.fsencode(subs), b"bad\xffname.ipynb"), "w") as f:   # not UTF-8
+        f.write(solved)
+    (subs / "mallory_copies_alice.ipynb").symlink_to(subs / "alice.ipynb")
+    (subs / "mallory_links_solution.ipynb").symlink_to(
+        ROOT / "exercises" / "solutions" / "03_scaled_dot_product_attention.ipynb")
+    os.mkfifo(subs / "fifo.ipynb")                          # opened for reading, it would block for ever
+    (subs / "folder.ipynb").mkdir()
+    out = tmp_path / "grades.csv"
+    reports = grading.grade_folder(str(subs), str(out), notebook="03_scaled_dot_product_attention",
+                                   progress=False, timeout_s=90, jobs=2)
+    status = {r["student"]: (r["status"], sum(e["points"] for e in r["exercises"].values())) for r in reports}
+    assert status == {
+        "=HYPERLINK(1)": ("graded", 11), "alice": ("graded", 11), "bad\\xffname": ("graded", 11),
+        "fifo": ("not a regular file (not a plain file): not graded", 0),
+        "folder": ("not a regular file (a folder): not graded", 0),
+        "mallory_copies_alice": ("not a regular file (a symbolic link): not graded", 0),
+        "mallory_links_solution": ("not a regular file (a symbolic link): not graded", 0)}, status
+    rows = list(csv.reader(out.open(encoding="utf-8")))
+    assert sorted(r[0] for r in rows[1:]) == sorted(["'=HYPERLINK(1)", "alice", "bad\\xffname", "fifo", "folder",
+                                                     "mallory_copies_alice", "mallory_links_solution"])
+    assert not any(cell.startswith(grading.FORMULA_START) for row in rows for cell in row[:1] + row[-2:])
+    assert {r["student"] for r in json.loads(out.with_suffix(".json").read_text())} == set(status)
 
 
 def test_csv_is_replaced_atomically(tmp_path):
