@@ -533,6 +533,11 @@ _ATTENTION_REFS = ("gptcourse.attention.scaled_dot_product_attention",
                    "gptcourse.exercises.sdpa_ref",
                    "gptcourse.attention.MultiHeadAttention.forward")
 
+# the same mistake, written two ways (angles computed in float16, or cast to it)
+_ROPE_FLOAT16_HINT = ("Compute the angles m * theta_i in float32 or float64, not in x's dtype: float16 rounds "
+                      "an angle near 100 to steps of 0.06 radians. Cast cos and sin (or the result) to "
+                      "x's dtype after.")
+
 EXERCISES = {e.key: e for e in [
     Exercise("additive_scores", "additive_scores", "Exercise 2.1: Bahdanau's alignment scores",
              "02_attention_with_rnns", additive_scores_ref,
@@ -731,12 +736,8 @@ EXERCISES = {e.key: e for e in [
               ("integer exponent", _rope_variant("integer exponent"),
                "Every theta_i came out as 1: the exponent 2i/d must be a fraction (true division /, "
                "not integer division //)."),
-              ("float16 angles (theta)", _rope_low_precision("theta"),
-               "Compute the angles m * theta_i in float32 or float64, not in x's dtype: float16 rounds "
-               "an angle near 100 to steps of 0.06 radians. Cast cos and sin (or the result) to x's dtype after."),
-              ("float16 angles (cast)", _rope_low_precision("angles"),
-               "Compute the angles m * theta_i in float32 or float64, not in x's dtype: float16 rounds "
-               "an angle near 100 to steps of 0.06 radians. Cast cos and sin (or the result) to x's dtype after."),
+              ("float16 angles (theta)", _rope_low_precision("theta"), _ROPE_FLOAT16_HINT),
+              ("float16 angles (cast)", _rope_low_precision("angles"), _ROPE_FLOAT16_HINT),
               ("float32 out", _rope_variant("float32 out"),
                "Return a tensor of x's dtype: compute in float32 if you like, then cast back with .to(x.dtype).")],
              ("gptcourse.llama.apply_rope", "gptcourse.llama.rope_angles", "gptcourse.exercises.rope_ref")),
