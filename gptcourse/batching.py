@@ -233,6 +233,19 @@ def window_step(model, windows):
 # Prefix caching: a new prompt starts where a recent one left off
 # ----------------------------------------------------------------------------
 
+def common_prefix(sequences):
+    """How many tokens all the sequences (lists of token ids) begin with.
+
+        >>> common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]])
+        2
+    """
+    n = min(len(s) for s in sequences)
+    for t in range(n):
+        if any(s[t] != sequences[0][t] for s in sequences):
+            return t
+    return n
+
+
 class PrefixCache:
     """Keys and values of recent token sequences, at most max_tokens in all.
 

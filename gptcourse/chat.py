@@ -351,6 +351,7 @@ def _padded_batches(model, sequences, batch_size):
     take `caches`, as GPT and Llama do).
     """
     from .attention import KVCache
+    from .batching import common_prefix
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not getattr(model.config, "causal", True):
@@ -366,9 +367,7 @@ def _padded_batches(model, sequences, batch_size):
         rows = order[start:start + batch_size]
         seqs = [sequences[i] for i in rows]
         T = max(len(s) for s in seqs)
-        P = 0                                            # the shared prefix, leaving each row a token
-        while P < min(len(s) for s in seqs) - 1 and all(s[P] == seqs[0][P] for s in seqs):
-            P += 1
+        P = min(common_prefix(seqs), min(map(len, seqs)) - 1)    # the shared prefix, leaving each row a token
         if P < 2 or len(rows) == 1 or not hasattr(model, "blocks"):
             P = 0
         idx = torch.zeros(len(rows), T - P, dtype=torch.long)

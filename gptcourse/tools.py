@@ -666,7 +666,7 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokeniz
     each prompt only from where it departs from what its row already holds:
     the second turn of a conversation costs only its new tokens.
     """
-    from .batching import RaggedKVCache, llama_step
+    from .batching import RaggedKVCache, common_prefix, llama_step
     if not prompts or any(p is not None and (not isinstance(p, (list, tuple)) or len(p) < 1)
                           for p in prompts) or all(p is None for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists (or None)")
@@ -691,10 +691,7 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokeniz
                               dtype=dtype, device=device)
         held = [[] for _ in range(n)]
         first = [prompts[r] for r in live]
-        shared = 0                               # the common beginning, leaving each row >= 1 token
-        while (shared < min(map(len, first)) - 1
-               and all(p[shared] == first[0][shared] for p in first)):
-            shared += 1
+        shared = min(common_prefix(first), min(map(len, first)) - 1)   # leaving each row >= 1 token
         if shared:
             one = RaggedKVCache(config.n_layer, 1, config.n_kv_head, config.head_size, shared,
                                 dtype=dtype, device=device)
@@ -708,10 +705,7 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokeniz
     cache.reserve(longest)
     chunks = [[] for _ in range(n)]
     for r in live:                               # each row reads its prompt from where it departs
-        same = 0
-        limit = min(len(held[r]), len(prompts[r]) - 1)
-        while same < limit and held[r][same] == prompts[r][same]:
-            same += 1
+        same = min(common_prefix([held[r], prompts[r]]), len(prompts[r]) - 1)
         cache.lengths[r] = same
         held[r] = list(prompts[r])
         chunks[r] = list(prompts[r][same:])
