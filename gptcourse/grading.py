@@ -136,9 +136,66 @@ def _warm_monitor():
     """Run the monitor once (torch's lazy imports rebind a few of its names the
     first time a mode handles an operator), before any snapshot is taken."""
     if not _WARM:
-        from .grading_worker import _warm_up, make_monitor
-        _warm_up(*make_monitor(None, sink={"ops": [], "functions": []}))
+        enter, leave = _make_monitor({"ops": [], "functions": []})
+        x = torch.randn(2, 3, 4)
+        for dtype in (torch.float32, torch.float64):
+            enter()
+            try:
+                y = x.to(dtype)
+                s = (y @ y.transpose(-2, -1) / 2.0).masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), -1e9)
+                torch.cat([torch.softmax(s, -1)] * 2, -1).sort(-1, descending=True)[0].cumsum(-1)
+                torch.topk(y, 2).values.mean(-1, keepdim=True).var().sqrt().tolist()
+            finally:
+                leave()
         _WARM.append(True)
+
+
+def _make_monitor(sink):
+    """(enter, leave): push and pop a TorchFunctionMode and a TorchDispatchMode that
+    append every torch function and ATen operator run between the two to
+    sink["functions"] and sink["ops"]. leave() returns None when the modes are
+    where enter() put them, else what changed. (check() runs in the student's own
+    process: this is feedback, not a defence; batch grading blocks the operators
+    instead, gptcourse/grading_worker.py.)"""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FunctionRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if type(func).__module__ == "torch._ops":           # torch.ops.aten.X(...)
+                sink["functions"].append(f"torch.ops.{func}")
+            else:
+                sink["functions"].append(f"{getattr(func, '__module__', '') or ''}."
+                                         f"{getattr(func, '__name__', None) or repr(func)}")
+            return func(*args, **(kwargs or {}))
+
+    class DispatchRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            sink["ops"].append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    C, modes = torch._C, {}
+
+    def enter():
+        modes["f"], modes["d"] = FunctionRecorder(), DispatchRecorder()
+        modes["nf"], modes["nd"] = C._len_torch_function_stack(), C._len_torch_dispatch_stack()
+        C._push_on_torch_function_stack(modes["f"])
+        C._push_on_torch_dispatch_stack(modes["d"])
+
+    def leave():
+        changed = None
+        if C._len_torch_dispatch_stack() != modes["nd"] + 1 or \
+                C._get_dispatch_stack_at(modes["nd"]) is not modes["d"]:
+            changed = "the dispatch-mode stack"
+        if C._len_torch_function_stack() != modes["nf"] + 1 or \
+                C._get_function_stack_at(modes["nf"]) is not modes["f"]:
+            changed = changed or "the torch-function-mode stack"
+        while C._len_torch_dispatch_stack() > modes["nd"]:
+            C._pop_torch_dispatch_stack(None)
+        while C._len_torch_function_stack() > modes["nf"]:
+            C._pop_torch_function_stack()
+        return changed
+    return enter, leave
 
 
 def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S, forbidden_ops=()):
@@ -158,10 +215,9 @@ def call_guarded(fn, args, forbidden, time_limit=TIME_LIMIT_S, forbidden_ops=())
 
 
 def _call_profiled(fn, args, forbidden, time_limit, forbidden_ops=()):
-    from .grading_worker import make_monitor
     profiler, found = _guard(forbidden)
     record = {"ops": [], "functions": []}
-    enter, leave = make_monitor(None, sink=record)
+    enter, leave = _make_monitor(record)
     try:
         with _time_limit(time_limit):
             enter()
@@ -396,82 +452,77 @@ def _notebook_code(nb_text):
 
 
 WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grading_worker.py")
-STUB_GRADING = '''"""Stand-in for gptcourse.grading inside the grading sandbox: the grader runs the checks."""
-
-
-def check(key, fn):
-    print(f"{key}: checked by the instructor's grader")
-'''
+UNAVAILABLE = " is not available while grading"       # the worker's blocked kernels say this
 
 
 def make_stub_dir(folder):
-    """Fill `folder` with what the sandbox sees at /grader: the worker and a stub
-    `gptcourse` package whose check() does nothing (no reference code)."""
+    """Fill `folder` with what the sandbox sees at /grader: the worker, nothing else."""
     import shutil
     shutil.copy(WORKER_FILE, os.path.join(folder, "grading_worker.py"))
-    os.mkdir(os.path.join(folder, "gptcourse"))
-    with open(os.path.join(folder, "gptcourse", "__init__.py"), "w") as f:
-        f.write('"""gptcourse as the grading sandbox sees it: only a stub check()."""\n')
-    with open(os.path.join(folder, "gptcourse", "grading.py"), "w") as f:
-        f.write(STUB_GRADING)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
+    os.chmod(os.path.join(folder, "grading_worker.py"), 0o644)
     os.chmod(folder, 0o755)
     return folder
 
 
-def make_job(cells, exercises, inputs, key, cell_timeout_s, call_timeout_s):
-    """The worker's stdin: a JSON line (key, limits) and the cells and inputs (torch.save)."""
+def make_job(rooms, exercises, inputs, cell_timeout_s, call_timeout_s, cpu_s=0):
+    """The worker's stdin: a JSON line (limits) and, per exercise, the vetted program,
+    the function's name, the operators to block and the inputs (torch.save)."""
     import io
-    header = {"key": key, "result_fd": -1, "rlimit_mb": 0, "cell_timeout": float(cell_timeout_s),
-              "call_timeout": float(call_timeout_s)}
+    from .cleanroom import ALLOWED_MODULES, BLOCKED_NAMES
+    header = {"result_fd": -1, "rlimit_mb": 0, "cell_timeout": float(cell_timeout_s),
+              "call_timeout": float(call_timeout_s), "cpu_s": int(cpu_s)}
     body = io.BytesIO()
-    torch.save({"cells": cells,
-                "exercises": {k: {"function": e.function, "inputs": inputs[k]} for k, e in exercises.items()}},
-               body)
+    torch.save({"blocked_names": sorted(BLOCKED_NAMES), "allowed_modules": list(ALLOWED_MODULES),
+                "exercises": {k: {"source": rooms[k].source, "function": e.function,
+                                  "block": list(e.forbidden_ops), "inputs": inputs[k]}
+                              for k, e in exercises.items()}}, body)
     return json.dumps(header).encode() + b"\n" + body.getvalue()
 
 
-def read_result(data, key):
-    """The worker's signed payload, or raise ValueError (unsigned, forged, unreadable)."""
-    import hashlib
-    import hmac
+def result_cap(exercises, inputs):
+    """The most bytes this notebook's answers may take: 1 MB plus 4x the reference
+    answers' size (torch.save), so reading them costs the grader little."""
     import io
-    tag, sep, payload = data.partition(b"\n")
-    if not sep:
-        raise ValueError("no results (the notebook's process ended before writing them)")
-    expected = hmac.new(bytes.fromhex(key), payload, hashlib.sha256).hexdigest().encode()
-    if not hmac.compare_digest(tag, expected):
-        raise ValueError("results not signed by the grader's worker (written by the submission?)")
-    raw = torch.load(io.BytesIO(payload), weights_only=True)
-    if not isinstance(raw, dict) or not isinstance(raw.get("exercises"), dict):
-        raise ValueError("results in an unexpected form")
-    return raw
+    buffer = io.BytesIO()
+    torch.save([[e.reference(*args) for args in inputs[k]] for k, e in exercises.items()], buffer)
+    return (1 << 20) + 4 * len(buffer.getvalue())
 
 
-def judge(exercise, raw_items, n_cases):
-    """The worker's raw records of one exercise -> one (status, value) per case,
-    with forbidden operators and tampering decided here, by the grader."""
+def read_records(data):
+    """The worker's records: {exercise: {"defined", "cases"}}; a malformed record ends the reading."""
+    import io
+    import struct
+    records, at = {}, 0
+    while at + 8 <= len(data):
+        (size,) = struct.unpack_from("<Q", data, at)
+        if size > len(data) - at - 8:
+            break
+        try:
+            record = torch.load(io.BytesIO(data[at + 8:at + 8 + size]), weights_only=True)
+        except Exception:
+            break
+        at += 8 + size
+        if isinstance(record, dict) and isinstance(record.get("exercise"), str) and \
+                isinstance(record.get("cases"), list) and isinstance(record.get("defined"), str):
+            records[record["exercise"]] = record
+    return records
+
+
+def judge(exercise, record, n_cases):
+    """One exercise's record from the worker -> one (status, value) per case."""
+    if record["defined"] != "ok":
+        return [("error", f"not run: {record['defined']}")] * n_cases
     outcomes = []
-    if not isinstance(raw_items, list):
-        raw_items = []
-    for item in raw_items[:n_cases]:
-        if not (isinstance(item, (list, tuple)) and len(item) == 5):
+    for item in record["cases"][:n_cases]:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
             outcomes.append(("error", "unreadable result"))
             continue
-        status, value, ops, functions, violations = item
-        status = str(status)
-        names = [str(n) for n in list(functions or []) + list(ops or [])]    # the torch function first
-        used = forbidden_used(exercise, names)
-        if violations:
-            outcomes.append(("forbidden", f"tampers with the grader ({str(violations[0])[:80]}), which earns no points"))
-        elif status == "tampered":
-            outcomes.append(("forbidden", f"{value}, which earns no points"))
-        elif used:
-            outcomes.append(("forbidden", f"calls {used}, which this exercise asks you to write yourself"))
-        elif status == "ok":
+        status, value = str(item[0]), item[1]
+        if status == "ok":
             outcomes.append(("ok", value))
+        elif UNAVAILABLE in str(value):                    # PyTorch's ready-made version, blocked below Python
+            op = str(value).split(UNAVAILABLE)[0].split()[-1]
+            outcomes.append(("forbidden", f"calls {op}, which this exercise asks you to write yourself"))
         else:
             outcomes.append((status, str(value)))
     outcomes += [("error", "not run: an earlier test did not return")] * (n_cases - len(outcomes))
@@ -525,54 +576,58 @@ def _sandbox_label(sandbox):
 
 def _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout_s, call_timeout_s, sandbox,
                max_tasks):
-    import secrets
     import tempfile
     from . import sandbox as sb
+    from .cleanroom import clean_room
     EXERCISES = selected_exercises(notebook)
     seed = fresh_seed() if seed is None else seed
     inputs = {k: case_inputs(e, seed) for k, e in EXERCISES.items()}
     report = {"student": name, "status": "graded", "sandbox": _sandbox_label(sandbox), "exercises": {}}
-    raw = {}
     try:
         cells = _notebook_code(nb_text)
     except Exception as e:
-        report["status"] = f"not a valid notebook: {type(e).__name__}: {str(e)[:120]}"
-    else:
-        key = secrets.token_hex(32)
+        return ungraded(name, f"not a valid notebook: {type(e).__name__}: {str(e)[:120]}", sandbox, notebook)
+    # what runs is decided here, on the notebook's text (gptcourse/cleanroom.py)
+    rooms = {k: clean_room(cells, e.function, e.forbidden_ops) for k, e in EXERCISES.items()}
+    outcomes = {}
+    for key, room in rooms.items():
+        n = len(inputs[key])
+        if room.forbidden:
+            outcomes[key] = [("forbidden", f"uses {room.forbidden}, which this exercise asks you to write "
+                                           "yourself")] * n
+        elif room.problem:
+            outcomes[key] = [("error", room.problem if room.problem.startswith("no function named")
+                              else f"not run: {room.problem}")] * n
+    runnable = {k: e for k, e in EXERCISES.items() if k not in outcomes}
+    if runnable:
         with tempfile.TemporaryDirectory(prefix="grading-stub-") as folder:
             make_stub_dir(folder)
-            run = sb.run_worker(folder, make_job(cells, EXERCISES, inputs, key, cell_timeout_s, call_timeout_s),
-                                timeout_s, memory_mb, max_tasks=max_tasks, sandbox=sandbox)
-        last = run["stderr"].decode(errors="replace").strip().splitlines()[-1:] or [""]
-        try:
-            raw = read_result(run["result"], key)
-        except Exception as e:
-            raw = {}
+            job = make_job(rooms, runnable, inputs, cell_timeout_s, call_timeout_s, cpu_s=math.ceil(timeout_s) + 5)
+            cap = result_cap(runnable, inputs)
+            run = sb.run_worker(folder, job, timeout_s, memory_mb, max_tasks=max_tasks, sandbox=sandbox,
+                                result_cap=cap)
+        records = read_records(run["result"]) if run["result_bytes"] <= cap else {}
+        missing = [k for k in runnable if k not in records]
+        if run["result_bytes"] > cap:
+            report["status"] = (f"results too large ({run['result_bytes']:,} bytes; this notebook's answers "
+                                f"need at most {cap:,}): not read")
+        elif missing:
+            last = run["stderr"].decode(errors="replace").strip().splitlines()[-1:] or [""]
             if run["timed_out"]:
                 report["status"] = f"stopped after the time limit of {timeout_s:g} s"
             elif run["oom"]:
                 report["status"] = f"killed: the memory limit of {memory_mb} MB was reached"
             elif run["returncode"] != 0:
-                report["status"] = f"the notebook's process failed (exit code {run['returncode']}): {last[0][:160]}"
+                report["status"] = f"the grading process failed (exit code {run['returncode']}): {last[0][:160]}"
             else:
-                report["status"] = f"results rejected: {str(e)[:160]}"
-        else:
-            tampering = [str(t)[:200] for t in list(raw.get("tampering") or [])[:50]]
-            report["tampering"] = tampering
-            if tampering:
-                report["status"] = f"tampered with the grader ({', '.join(tampering[:3])[:160]}): no points"
+                report["status"] = "results missing"
+        for key in runnable:
+            n = len(inputs[key])
+            outcomes[key] = judge(EXERCISES[key], records[key], n) if key in records else \
+                [("error", report["status"])] * n
         report["limits"] = run["limits"]
-    for key_, exercise in EXERCISES.items():
-        n = len(inputs[key_])
-        if report["status"].startswith("tampered"):
-            items = [("forbidden", "the notebook tampers with the grader, which earns no points")] * n
-        elif report["status"] != "graded":
-            items = [("error", report["status"])] * n
-        elif key_ not in raw.get("exercises", {}):
-            items = [("error", f"no function named {exercise.function} was found")] * n
-        else:
-            items = judge(exercise, raw["exercises"][key_], n)
-        report["exercises"][key_] = evaluate(exercise, items, inputs[key_])
+    for key, exercise in EXERCISES.items():
+        report["exercises"][key] = evaluate(exercise, outcomes[key], inputs[key])
     return report
 
 

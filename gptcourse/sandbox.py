@@ -36,11 +36,11 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
+
+from gptcourse import cgroups
 
 OUTPUT_KEEP = 64 * 1024
 RESULT_CAP = 256 * 1024 * 1024
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 class SandboxUnavailable(RuntimeError):
@@ -60,8 +60,10 @@ def find_bwrap():
 
 def check_bwrap():
     """Raise SandboxUnavailable unless bubblewrap is installed AND can create its
-    namespaces here (a kernel or a container may forbid user namespaces)."""
+    namespaces here (a kernel or a container may forbid user namespaces) AND
+    load the seccomp filter (libseccomp installed)."""
     bwrap = find_bwrap()
+    program = seccomp_filter()
     cmd = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
            "--new-session", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
     for link in ("/bin", "/lib", "/lib64"):
@@ -69,10 +71,16 @@ def check_bwrap():
             cmd += ["--symlink", os.readlink(link), link]
         elif os.path.isdir(link):
             cmd += ["--ro-bind", link, link]
+    filter_r, filter_w = os.pipe()
+    os.write(filter_w, program)
+    os.close(filter_w)
     try:
-        run = subprocess.run(cmd + ["true"], capture_output=True, text=True, timeout=60)
+        run = subprocess.run(cmd + ["--seccomp", str(filter_r), "true"], capture_output=True, text=True,
+                             timeout=60, pass_fds=(filter_r,))
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SandboxUnavailable(f"bubblewrap could not be started: {e}") from e
+    finally:
+        os.close(filter_r)
     if run.returncode != 0:
         raise SandboxUnavailable(
             f"bubblewrap is installed but cannot create its sandbox here ({run.stderr.strip()[:300]}); "
@@ -81,99 +89,52 @@ def check_bwrap():
     return bwrap
 
 
-def _own_cgroup(controller):
-    """The folder of this process's cgroup for a v1 controller, or None."""
+# system calls a graded notebook never needs: new processes (threads are allowed),
+# namespaces, other processes' memory, the kernel's keyrings, BPF and mounts, raw I/O
+# rings, sockets (there is no network anyway), modules and clocks
+DENIED_SYSCALLS = (
+    "fork", "vfork", "unshare", "setns", "ptrace", "process_vm_readv", "process_vm_writev", "bpf", "keyctl",
+    "add_key", "request_key", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
+    "fsmount", "fsconfig", "fspick", "mount_setattr", "perf_event_open", "userfaultfd", "kexec_load",
+    "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "socket", "socketpair", "name_to_handle_at", "open_by_handle_at", "kcmp", "pidfd_open",
+    "pidfd_getfd", "pidfd_send_signal", "quotactl", "iopl", "ioperm", "personality", "lookup_dcookie", "vhangup")
+CLONE_THREAD = 0x00010000
+
+
+def seccomp_filter():
+    """The compiled seccomp filter (a BPF program, bytes) that bubblewrap loads with
+    --seccomp before it starts the worker: DENIED_SYSCALLS fail with EPERM, clone
+    fails unless it makes a thread (CLONE_THREAD), and clone3 reports ENOSYS (its
+    flags sit in memory a filter cannot read; the C library then uses clone).
+    Other architectures' system calls kill the process (libseccomp's default).
+    Raises SandboxUnavailable without libseccomp."""
+    import errno
+    import tempfile
     try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if controller in controllers.split(","):
-                    folder = os.path.join(CGROUP_ROOT, controller, path.lstrip("/"))
-                    return folder if os.access(folder, os.W_OK) else None
-    except OSError:
-        pass
-    return None
-
-
-def make_cgroups(memory_mb, max_tasks):
-    """Create a memory and a pids cgroup for one worker; returns their folders
-    (empty list when cgroups cannot be used here)."""
-    if memory_mb <= 0 or max_tasks <= 0:
-        raise ValueError(f"memory_mb and max_tasks must be positive, got {memory_mb} and {max_tasks}")
-    name = f"gptcourse-grading-{uuid.uuid4().hex[:12]}"
-    folders = []
+        import pyseccomp as sc
+    except ImportError:
+        try:
+            import seccomp as sc                        # Debian's python3-seccomp: the same interface
+        except ImportError:
+            raise SandboxUnavailable(
+                "libseccomp's Python bindings are missing, so the sandbox could not stop a submission from "
+                "starting processes: pip install pyseccomp (or apt-get install python3-seccomp); or, only for "
+                "code you trust, pass --unsafe-no-sandbox") from None
     try:
-        memory, pids = _own_cgroup("memory"), _own_cgroup("pids")
-        if memory is None or pids is None:
-            return []
-        for parent in (memory, pids):
-            folder = os.path.join(parent, name)
-            os.mkdir(folder)
-            folders.append(folder)
-        limit = str(memory_mb * 1024 * 1024)
-        _write(os.path.join(folders[0], "memory.limit_in_bytes"), limit)
-        swap = os.path.join(folders[0], "memory.memsw.limit_in_bytes")
-        if os.path.exists(swap):
-            _write(swap, limit)
-        _write(os.path.join(folders[1], "pids.max"), str(max_tasks))
-        return folders
-    except OSError:
-        remove_cgroups(folders)
-        return []
-
-
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _tasks(folder):
-    try:
-        with open(os.path.join(folder, "cgroup.procs")) as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def kill_cgroups(folders):
-    """SIGKILL every process left in the cgroups."""
-    for _ in range(50):
-        pids = {p for folder in folders for p in _tasks(folder)}
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.02)
-
-
-def oom_killed(folders):
-    """True when the memory cgroup's limit was hit and a process was killed for it."""
-    for folder in folders:
-        path = os.path.join(folder, "memory.oom_control")
-        if os.path.exists(path):
-            with open(path) as f:
-                fields = dict(line.split() for line in f if line.strip())
-            if int(fields.get("oom_kill", 0)) > 0:
-                return True
-            with open(os.path.join(folder, "memory.failcnt")) as f:
-                return int(f.read()) > 0 and int(fields.get("under_oom", 0)) > 0
-    return False
-
-
-def remove_cgroups(folders):
-    kill_cgroups(folders)
-    for folder in folders:
-        for _ in range(50):
-            try:
-                os.rmdir(folder)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.05)
+        rules = sc.SyscallFilter(sc.ALLOW)
+        for name in DENIED_SYSCALLS:
+            rules.add_rule(sc.ERRNO(errno.EPERM), name)
+        rules.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+        rules.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        with tempfile.TemporaryFile() as f:
+            rules.export_bpf(f)
+            f.flush()
+            f.seek(0)
+            return f.read()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SandboxUnavailable(f"the seccomp filter could not be built ({e}); is libseccomp installed?") from e
 
 
 def _python_binds():
@@ -193,8 +154,13 @@ def _python_binds():
     return [p for p in keep if not any(p != q and p.startswith(q + os.sep) for q in keep)]
 
 
-def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256):
-    """The bubblewrap command line that runs the worker in stub_dir."""
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
+
+def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256, seccomp_fd=None):
+    """The bubblewrap command line that runs the worker in stub_dir. Every
+    writable place is a size-capped tmpfs (/tmp and the home folder, tmp_mb
+    each); the root and /dev (five device nodes, no /dev/shm) are read-only."""
     cmd = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
            "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
            "--ro-bind", "/usr", "/usr"]
@@ -212,16 +178,17 @@ def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256):
     cmd += ["--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/home/student"]
     for path in _python_binds():
         cmd += ["--ro-bind", path, path]
-        package = os.path.join(path, "gptcourse")
-        for folder in [package] + [os.path.join(path, d, "gptcourse") for d in ("lib",)]:
-            if os.path.isdir(folder):
-                cmd += ["--tmpfs", folder]          # the course's sources stay out of reach
     import site
-    for sp in site.getsitepackages():
-        if os.path.isdir(os.path.join(sp, "gptcourse")):
-            cmd += ["--tmpfs", os.path.join(sp, "gptcourse")]
-    cmd += ["--ro-bind", stub_dir, "/grader", "--proc", "/proc", "--dev", "/dev",
-            "--chdir", "/home/student"]
+    for sp in site.getsitepackages() + [p for p in sys.path if p and os.path.isdir(p)]:
+        if os.path.isdir(os.path.join(sp, "gptcourse")):     # the course's sources stay out of reach
+            cmd += ["--size", "4096", "--tmpfs", os.path.join(sp, "gptcourse")]
+    cmd += ["--ro-bind", stub_dir, "/grader", "--proc", "/proc"]
+    for device in DEVICES:
+        if os.path.exists(device):
+            cmd += ["--dev-bind", device, device]
+    cmd += ["--remount-ro", "/", "--chdir", "/home/student"]
+    if seccomp_fd is not None:
+        cmd += ["--seccomp", str(seccomp_fd)]
     env = {"HOME": "/home/student", "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "GPTCOURSE_OFFLINE": "1",
            "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
@@ -250,33 +217,40 @@ def _drain(stream, keep, cap, out):
     out["data"], out["total"] = bytes(data), total
 
 
-def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, tmp_mb=256):
+def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, tmp_mb=256, result_cap=RESULT_CAP,
+               cpu_cores=1.0):
     """Run the worker on `job` (bytes for its stdin: header line + torch.save bytes,
     with "result_fd" left for this function to set). Never raises for what the
     worker does.
 
     Returns dict(result=bytes read from the result channel, returncode,
-    timed_out, oom, stderr=last bytes, limits="cgroup"|"rlimit"|"none")."""
+    timed_out, oom, stderr=last bytes, limits="cgroup v2"|"cgroup v1"|"rlimit"|"none")."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    folders = make_cgroups(memory_mb, max_tasks) if memory_mb else []
+    cg = cgroups.create(memory_mb, max_tasks, cpu_cores) if memory_mb else None
     try:
-        return _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, folders)
+        return _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, cg, result_cap)
     finally:
-        remove_cgroups(folders)                  # whatever happened, nothing of it keeps running
+        if cg is not None:
+            cg.remove()                          # whatever happened, nothing of it keeps running
 
 
-def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, folders):
+def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, cg, result_cap):
     result_r, result_w = os.pipe()
     job = job.replace(b'"result_fd": -1', f'"result_fd": {result_w}'.encode(), 1)
+    passed = [result_w]
     if sandbox:
-        cmd = bwrap_command(find_bwrap(), stub_dir, memory_mb, tmp_mb)
+        filter_r, filter_w = os.pipe()                 # the seccomp program, read by bwrap
+        os.write(filter_w, seccomp_filter())
+        os.close(filter_w)
+        passed.append(filter_r)
+        cmd = bwrap_command(find_bwrap(), stub_dir, memory_mb, tmp_mb, seccomp_fd=filter_r)
     else:
         cmd = [sys.executable, "-E", "-s", os.path.join(stub_dir, "grading_worker.py")]
-    if folders:                                  # join the cgroups first, then become bwrap
-        joiner = "; ".join(f"echo $$ > {os.path.join(f, 'cgroup.procs')}" for f in folders)
-        cmd = ["/bin/sh", "-c", joiner + '; exec "$@"', "sh"] + cmd
-    limits = "cgroup" if folders else ("rlimit" if memory_mb else "none")
+    if cg is not None:                           # join the cgroup(s) first, then become bwrap
+        joiner = " && ".join(f"echo $$ > {f}" for f in cg.procs_files)
+        cmd = ["/bin/sh", "-c", joiner + ' && exec "$@"', "sh"] + cmd
+    limits = cg.kind if cg is not None else ("rlimit" if memory_mb else "none")
     env = {"PATH": "/usr/bin:/bin", "HOME": stub_dir, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1", "GPTCOURSE_OFFLINE": "1", "LANG": "C.UTF-8"}
     # per process as well: a single huge allocation then fails with MemoryError in that
@@ -285,13 +259,14 @@ def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, folders):
     cwd = stub_dir if not sandbox else "/"
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(result_w,), env=env, cwd=cwd, start_new_session=True)
+                                pass_fds=passed, env=env, cwd=cwd, start_new_session=True)
     finally:
-        os.close(result_w)
+        for fd in passed:
+            os.close(fd)
     outputs = {"stdout": {}, "stderr": {}, "result": {}}
     readers = [threading.Thread(target=_drain, args=(proc.stdout.fileno(), OUTPUT_KEEP, 0, outputs["stdout"])),
                threading.Thread(target=_drain, args=(proc.stderr.fileno(), OUTPUT_KEEP, 0, outputs["stderr"])),
-               threading.Thread(target=_drain, args=(result_r, 0, RESULT_CAP, outputs["result"]))]
+               threading.Thread(target=_drain, args=(result_r, 0, result_cap, outputs["result"]))]
     for t in readers:
         t.daemon = True
         t.start()
@@ -306,11 +281,12 @@ def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, folders):
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
-    kill_cgroups(folders)
+    if cg is not None:
+        cg.kill()
     proc.wait()
     for t in readers:
         t.join(timeout=5)
-    oom = oom_killed(folders)
+    oom = cg is not None and cg.oom_killed()
     for stream in (proc.stdout, proc.stderr):
         stream.close()
     os.close(result_r)

@@ -537,13 +537,19 @@ def cheat(call):
                         + CHEAT_WEIGHTS + f"    out = {call}\n    return out, w\n")
 
 
-# what the report of grace_tampers must list, one per attack cell
-TAMPERING_SEEN = ("__main__.call_monitored", "torch.save", "traceback.tb_frame", "os.kill", "ctypes.dlopen",
-                  "subprocess.Popen", "os.fork", "import of a fresh _thread", "import of /tmp/m.so", "gc.get_objects")
+def in_sdpa(*lines, before=""):
+    """The solved notebook with scaled_dot_product_attention redefined: a correct
+    attention (the weights by hand) that also runs `lines` inside the function."""
+    body = "".join(f"    {line}\n" for line in lines)
+    return replace_sdpa(before + "import torch.nn.functional as F\n"
+                        "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS + body +
+                        "    return w @ v, w\n")
 
 
 def attack_submissions(subs):
-    """name -> (notebook text, sdpa points, causal_mask points, words of the status)."""
+    """name -> (notebook text, sdpa points, causal_mask points, words of the status, words of
+    sdpa's first message). The grader runs only what the graded function uses (the clean
+    room: gptcourse/cleanroom.py), vetted; everything else in a notebook never runs."""
     wrong_scale = ("def scaled_dot_product_attention(q, k, v, mask=None):\n"
                    "    s = q @ k.transpose(-2, -1)\n"
                    "    if mask is not None:\n"
@@ -556,99 +562,107 @@ def attack_submissions(subs):
                  "    w = (s - s.amax(-1, keepdim=True)).exp()\n    w = w / w.sum(-1, keepdim=True)\n"
                  "    return torch.einsum('...qk,...kd->...qd', w, v), w\n"
                  "def causal_mask(T):\n    i = torch.arange(T)\n    return i[:, None] >= i[None, :]\n")
+    refused = "not run: code cell"
     return {
-        "alice_solution": (json.dumps(SOLVED), 8, 3, "graded"),
-        "amy_different_but_correct": (replace_sdpa(different), 8, 3, "graded"),
-        "bob_stub": (json.dumps(STUB), 0, 0, "graded"),
-        "carol_not_json": ("{ this is not a notebook", 0, 0, "not a valid notebook"),
-        "dave_no_scale": (replace_sdpa(wrong_scale), 2, 3, "graded"),
-        # ready-made attention by every route the review found
-        "eve_torch_function": (cheat("F.scaled_dot_product_attention(q, k, v, attn_mask=mask)"), 0, 3, "graded"),
+        "alice_solution": (json.dumps(SOLVED), 8, 3, "graded", ""),
+        "amy_different_but_correct": (replace_sdpa(different), 8, 3, "graded", ""),
+        "bob_stub": (json.dumps(STUB), 0, 0, "graded", "not implemented"),
+        "carol_not_json": ("{ this is not a notebook", 0, 0, "not a valid notebook", "not a valid notebook"),
+        "dave_no_scale": (replace_sdpa(wrong_scale), 2, 3, "graded", ""),
+        # PyTorch's ready-made attention: by name (read in the text), or by a route that names
+        # nothing forbidden (a Transformer layer), which meets the operators blocked below Python
+        "eve_torch_function": (cheat("F.scaled_dot_product_attention(q, k, v, attn_mask=mask)"), 0, 3, "graded",
+                               "uses F.scaled_dot_product_attention"),
         "eve_aten_op": (cheat("torch.ops.aten.scaled_dot_product_attention(q, k, v, attn_mask=mask)"), 0, 3,
-                        "graded"),
-        "eve_partial_map": (cheat("list(map(functools.partial(F.scaled_dot_product_attention, attn_mask=mask), "
-                                  "[q], [k], [v]))[0]"), 0, 3, "graded"),
-        "eve_thread": (cheat("(lambda r: (threading.Thread(target=lambda: r.append("
-                             "F.scaled_dot_product_attention(q, k, v, attn_mask=mask))).start(), r)[1][0])([])"),
-                       0, 3, "graded"),
-        "eve_pops_the_monitor": (cheat("(torch._C._pop_torch_dispatch_stack(None), "
-                                       "F.scaled_dot_product_attention(q, k, v, attn_mask=mask))[1]"), 0, 3, "graded"),
-        # the monitor's modes popped and pushed back around the call, by torch._C or by torch's helpers
-        "eve_pops_and_restores": (replace_sdpa(
-            "import torch.nn.functional as F\n"
+                        "graded", "uses torch.ops.aten.scaled_dot_product_attention"),
+        "eve_from_import": (replace_sdpa(
+            "from torch.nn.functional import scaled_dot_product_attention as fast\n"
             "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS +
-            "    m, f = torch._C._pop_torch_dispatch_stack(None), torch._C._pop_torch_function_stack()\n"
-            "    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n"
-            "    torch._C._push_on_torch_function_stack(f)\n    torch._C._push_on_torch_dispatch_stack(m)\n"
-            "    return out, w\n"), 0, 3, "graded"),
-        "eve_disables_modes": (replace_sdpa(
-            "import torch.nn.functional as F, torch.utils._python_dispatch as pd\n"
+            "    return fast(q, k, v, attn_mask=mask), w\n"), 0, 3, "graded",
+            "uses torch.nn.functional.scaled_dot_product_attention"),
+        "eve_transformer_layer": (in_sdpa(
+            "layer = torch.nn.TransformerEncoderLayer(q.shape[-1], 1, dim_feedforward=4, dropout=0.0, batch_first=True)",
+            "layer(q.reshape(-1, q.shape[-2], q.shape[-1]).float())"), 0, 3, "graded",
+            "calls aten::"),
+        "eve_getattr": (in_sdpa("out = getattr(F, 'scaled_dot_' + 'product_attention')(q, k, v, attn_mask=mask)"),
+                        0, 3, "graded", "uses `getattr`"),
+        "eve_dunder_dict": (in_sdpa("out = F.__dict__['scaled_dot_' + 'product_attention'](q, k, v)"),
+                            0, 3, "graded", "`.__dict__`"),
+        "eve_torch_c": (in_sdpa("torch._C._pop_torch_dispatch_stack(None)"), 0, 3, "graded",
+                        "begins with an underscore"),
+        "eve_thread": (in_sdpa("import threading", "threading.Thread(target=print).start()"), 0, 3, "graded",
+                       "imports threading"),
+        "eve_library_reference": (in_sdpa("from gptcourse.attention import scaled_dot_product_attention as ref"),
+                                  0, 3, "graded", "imports gptcourse.attention"),
+        # the attacks of the second round, written into the graded function itself
+        "grace_signal_frames": (in_sdpa("import signal", "signal.signal(signal.SIGALRM, lambda s, f: f.f_back)"),
+                                0, 3, "graded", "imports signal"),
+        "grace_generator_frames": (in_sdpa("g = (i for i in [1])", "g.gi_frame.f_back.f_globals.clear()"),
+                                   0, 3, "graded", "an attribute of frames"),
+        "grace_copyreg": (in_sdpa("import copyreg", "copyreg.dispatch_table[torch.Tensor] = print"), 0, 3,
+                          "graded", "imports copyreg"),
+        "grace_fork_exec": (in_sdpa("import _posixsubprocess"), 0, 3, "graded", "imports _posixsubprocess"),
+        "grace_reads_parent_memory": (in_sdpa("open('/proc/1/mem', 'rb').read(64)"), 0, 3, "graded",
+                                      "uses `open`"),
+        "grace_eval": (in_sdpa("eval('__import__(\"os\").fork()')"), 0, 3, "graded", "uses `eval`"),
+        "grace_builtins": (in_sdpa("__builtins__['__import__']('os').fork()"), 0, 3, "graded",
+                           "uses `__builtins__`"),
+        "grace_numpy_memory": (in_sdpa("import numpy", "numpy.lib.stride_tricks.as_strided(numpy.zeros(1), (1 << 40,))"),
+                               0, 3, "graded", "raw memory"),
+        "grace_pickle_file": (in_sdpa("torch.save(q, '/tmp/x')", "torch.load('/tmp/x', weights_only=False)"),
+                              0, 3, "graded", "`.save`"),
+        # a helper the function needs, with an attack at the top of its cell: the attack is not
+        # something the function uses, so it never runs; a value the function uses that an
+        # attack computes is refused
+        "grace_hostile_helper": (replace_sdpa(
+            "import os\nos.fork()\ndef helper(w, v):\n    return w @ v\n"
             "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS +
-            "    with pd._disable_current_modes(), torch._C.DisableTorchFunction():\n"
-            "        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n"
-            "    return out, w\n"), 0, 3, "graded"),
-        "eve_guard_classes": (replace_sdpa(
-            "import torch.nn.functional as F\n"
+            "    return helper(w, v), w\n"), 8, 3, "graded", ""),
+        "grace_hostile_dependency": (replace_sdpa(
+            "import os\nCHILD = os.fork()\n"
             "def scaled_dot_product_attention(q, k, v, mask=None):\n" + CHEAT_WEIGHTS +
-            "    with torch._C._DisableTorchDispatch(), torch._C.DisableTorchFunction():\n"
-            "        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)\n"
-            "    return out, w\n"), 0, 3, "graded"),
-        "eve_library_reference": (notebook(
-            "from gptcourse.attention import scaled_dot_product_attention as ref\n"
-            "import inspect, gptcourse.attention\nexec(inspect.getsource(gptcourse.attention))\n"
-            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return ref(q, k, v, mask)\n",
-            base=STUB), 0, 0, "graded"),
-        "frank_hard_coded": (replace_sdpa(
-            "_shown = (torch.zeros(2, 5, 8), torch.full((2, 5, 5), 0.2))\n"
-            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return _shown\n"), 0, 3, "graded"),
-        # the grader itself
+            "    return w @ v + CHILD, w\n"), 0, 3, "graded", "imports os"),
+        # everything outside the graded functions never runs: the grader, the results channel,
+        # the host and the other students are out of reach, and the honest functions count
         "grace_patches_grader": (notebook(
             "import gptcourse.grading as g\n"
             "g.evaluate = lambda ex, outcomes, inputs: dict(points=99, possible=99, tests=[], hints=[])\n"
-            "g.compare = lambda *a, **k: None\nprint('PASS 11/11 points')\n", base=STUB), 0, 0, "graded"),
+            "g.compare = lambda *a, **k: None\nprint('PASS 11/11 points')\n", base=STUB), 0, 0, "graded",
+            "not implemented"),
         "grace_forges_results": (notebook(
-            "import os, torch, io\nb = io.BytesIO()\ntorch.save({'cells': [], 'exercises': {}}, b)\n"
-            "for fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64 + b'\\n' + b.getvalue())\n"
-            "    except OSError:\n        pass\nos._exit(0)\n"), 0, 0, "results rejected"),
-        # every way to reach the grader's state or the host, one per cell (each cell's error
-        # is ignored, so all of them run); the report lists what each one tripped: TAMPERING_SEEN
-        "grace_tampers": (notebook(
-            "import __main__, torch\n__main__.call_monitored = lambda *a, **k: ('ok', None, [], [])\n"
-            "torch.save = lambda *a, **k: None\n",
-            "try:\n    raise ValueError\nexcept ValueError as e:\n    KEY = e.__traceback__.tb_frame.f_back.f_locals\n",
-            "import os\nos.kill(os.getppid(), 9)\n",
-            "import ctypes\nctypes.CDLL(None).kill(0, 9)\n",
-            "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000'], start_new_session=True)\n",
-            "import os\nwhile True:\n    os.fork()\n",
-            "import sys\ndel sys.modules['_thread']\nimport _thread\n_thread.start_new_thread(print, ())\n",
-            "import importlib.util, math, shutil\nshutil.copy(math.__file__, '/tmp/m.so')\n"
-            "importlib.util.module_from_spec(importlib.util.spec_from_file_location('math', '/tmp/m.so'))\n",
-            "import gc\nframes = [o for o in gc.get_objects() if type(o).__name__ == 'frame']\n"), 0, 0, "tampered"),
-        # hostile but not cheating, one per cell: each fails or is contained, and the honest
-        # functions defined before keep full marks
+            "import os, torch, io, struct\nb = io.BytesIO()\n"
+            "torch.save({'exercise': 'sdpa', 'defined': 'ok', 'cases': [['ok', 1]] * 9}, b)\n"
+            "for fd in range(3, 64):\n    try:\n        os.write(fd, struct.pack('<Q', len(b.getvalue())) + b.getvalue())\n"
+            "    except OSError:\n        pass\nos._exit(0)\n", base=STUB), 0, 0, "graded", "not implemented"),
         "heidi_hostile_but_honest": (notebook(
             f"for p in [{str(subs)!r} + '/alice_solution.ipynb', {str(subs.parent)!r} + '/out/grades.csv', "
             f"{str(ROOT / 'gptcourse' / 'exercises.py')!r}]:\n"
             "    try:\n        open(p, 'w').write('owned')\n    except OSError:\n        pass\n",
             f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n",
-            "import signal\nsignal.signal(signal.SIGALRM, lambda s, f: f.f_back)\n",   # not outside the main thread
-            "import a_module_that_does_not_exist\n",
-            "hog = b'1' * (6 * 1024 ** 3)\n",                                           # the process's own limit
-            "import os\nfor _ in range(2000):\n    os.write(2, b'x' * 1024 * 1024)\n",  # 2 GB to stderr
-            "while True:\n    pass\n",                                                 # that cell's clock
-            "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"),
-            8, 3, "graded"),
+            "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000'], start_new_session=True)\n",
+            "import os\nwhile True:\n    os.fork()\n",
+            "hog = b'1' * (6 * 1024 ** 3)\n",
+            "while True:\n    pass\n"), 8, 3, "graded", ""),
         "ivan_endless_function": (replace_sdpa(
             "def scaled_dot_product_attention(q, k, v, mask=None):\n    while True:\n        pass\n"),
-            0, 3, "graded"),
+            0, 3, "graded", "did not return within 2 s"),
+        "ivan_catches_the_clock": (replace_sdpa(
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    while True:\n        try:\n"
+            "            while True:\n                pass\n        except BaseException:\n            pass\n"),
+            0, 0, "time limit", "time limit"),
         "ivan_sparse_output": (replace_sdpa(
             "def scaled_dot_product_attention(q, k, v, mask=None):\n    return q.to_sparse(), object()\n"),
-            0, 3, "graded"),
-        "mallory_exits": (notebook("import os\nos._exit(3)\n"), 0, 0, "exit code 3"),
+            0, 3, "graded", "returned a builtins.object"),
+        "ivan_huge_answer": (replace_sdpa(
+            "def scaled_dot_product_attention(q, k, v, mask=None):\n    return torch.zeros(15_000_000), q\n"),
+            0, 0, "results too large", "results too large"),
+        "judy_definitions_raise": (replace_sdpa(
+            "SCALE = 1 / 0\ndef scaled_dot_product_attention(q, k, v, mask=None):\n    return SCALE\n"),
+            0, 3, "graded", "the definitions raised ZeroDivisionError"),
     }
 
 
-def grade_batch(tmp_path, cases, timeout, cell_timeout=3):
+def grade_batch(tmp_path, cases, timeout, cell_timeout=3, runner=()):
     """Grade the cases in one run of the command line; the CSV's rows by student and the output folder."""
     subs = tmp_path / "submissions"
     for name, (text, *_rest) in cases.items():
@@ -656,7 +670,7 @@ def grade_batch(tmp_path, cases, timeout, cell_timeout=3):
             (subs / f"{name}.ipynb").write_text(text)
     out = tmp_path / "out" / "grades.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
+        [*runner, sys.executable, "-m", "gptcourse.grading", "grade", str(subs), "--out", str(out),
          "--notebook", "03_scaled_dot_product_attention", "--timeout", str(timeout),
          "--cell-timeout", str(cell_timeout),
          "--call-timeout", "2", "--jobs", "2", "--memory-mb", "2048"],
@@ -665,61 +679,128 @@ def grade_batch(tmp_path, cases, timeout, cell_timeout=3):
     return {r["student"]: r for r in csv.DictReader(out.open())}, out
 
 
-def assert_grades(rows, cases):
+def assert_grades(rows, cases, out):
     assert set(rows) == set(cases)
+    report = {r["student"]: r for r in json.loads(out.with_suffix(".json").read_text())}
     wrong = []
-    for name, (_, sdpa, causal, status) in cases.items():
+    for name, (_, sdpa, causal, status, message) in cases.items():
         row = rows[name]
         statuses = status if isinstance(status, tuple) else (status,)
+        first = report[name]["exercises"]["sdpa"]["tests"][0]["message"]
         if (int(row["sdpa"]), int(row["causal_mask"])) != (sdpa, causal) or \
-                not any(st in row["status"] for st in statuses):
-            wrong.append((name, row["sdpa"], row["causal_mask"], row["status"]))
+                not any(st in row["status"] for st in statuses) or message not in first:
+            wrong.append((name, row["sdpa"], row["causal_mask"], row["status"], first))
         assert row["sandbox"] == "bubblewrap" and row["possible"] == "11"
     assert not wrong, wrong
+    return report
 
 
 def test_batch_grading_against_whole_notebook_limits(tmp_path):
-    """The limits that end a whole sandbox: the wall clock and the memory of the tree.
-    The honest student graded in the same run keeps full marks."""
+    """The clocks and the memory limit, met by code the graded function needs: a Python
+    loop in C meets the definitions' clock (--cell-timeout), one C++ call that never
+    returns to Python meets the notebook's wall clock (--timeout), and 2.5 GB against
+    2 GB fails. The honest student in the same run keeps full marks."""
     (tmp_path / "submissions").mkdir()
+    uses = "def scaled_dot_product_attention(q, k, v, mask=None):\n    return BIG, BIG\n"
     cases = {
-        "alice_solution": (json.dumps(SOLVED), 8, 3, "graded"),
-        # a C loop that never lets go of the interpreter meets the notebook's wall clock
-        "nancy_holds_the_interpreter": (notebook("x = 10 ** (10 ** 8)\n"), 0, 0, "time limit"),
-        # killed by the cgroup's OOM killer (or, on a loaded machine, by the clock first)
-        "ken_memory_hog_whole_tree": (notebook("chunks = [b'1' * (100 << 20) for _ in range(25)]\n"),
-                                      0, 0, ("memory limit", "time limit")),
+        "alice_solution": (json.dumps(SOLVED),),
+        "nancy_big_power": (replace_sdpa("BIG = 10 ** (10 ** 8)\n" + uses),),
+        "olga_holds_in_cpp": (replace_sdpa("BIG = torch.ones(6000, 6000).matrix_power(1000)\n" + uses),),
+        "ken_memory_hog": (replace_sdpa("BIG = [b'1' * (100 << 20) for _ in range(25)]\n" + uses),),
     }
-    # cells get 25 s: with 3 s, on a loaded machine the hog's cell was left behind
-    # still allocating, and the notebook finished (full marks) before the limit hit
-    rows, _ = grade_batch(tmp_path, cases, timeout=30, cell_timeout=25)
-    assert_grades(rows, cases)
+    rows, out = grade_batch(tmp_path, cases, timeout=20, cell_timeout=8)
+    report = {r["student"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    first = {name: r["exercises"]["sdpa"]["tests"][0]["message"] for name, r in report.items()}
+    assert rows["alice_solution"]["total"] == "11" and rows["alice_solution"]["status"] == "graded"
+    assert rows["nancy_big_power"]["sdpa"] == "0" and "did not finish within 8 s" in first["nancy_big_power"]
+    assert rows["nancy_big_power"]["causal_mask"] == "3"         # the next exercise runs on
+    assert rows["olga_holds_in_cpp"]["total"] == "0" and "time limit of 20 s" in rows["olga_holds_in_cpp"]["status"]
+    ken = rows["ken_memory_hog"]
+    assert ken["sdpa"] == "0", ken
+    assert "memory limit" in ken["status"] or "MemoryError" in first["ken_memory_hog"], (ken, first)
 
 
 def test_batch_grading_against_attacks(tmp_path):
-    """Every attack in one grading run: the cheats earn zero, honest code (however
-    written) full marks, and the CSV holds every student, sandboxed."""
+    """Every attack in one grading run: the cheats earn zero and are told why, honest
+    code (however written) keeps full marks, code outside the graded functions never
+    runs, and the CSV holds every student, sandboxed."""
     subs = tmp_path / "submissions"
     subs.mkdir()
     cases = attack_submissions(subs)
     (subs / "zoe_folder.ipynb").mkdir()                     # a folder whose name ends in .ipynb: a row, 0 points
-    cases["zoe_folder"] = (None, 0, 0, "not a regular file (a folder)")
-    rows, out = grade_batch(tmp_path, cases, timeout=90)
+    cases["zoe_folder"] = (None, 0, 0, "not a regular file (a folder)", "not a regular file")
+    rows, out = grade_batch(tmp_path, cases, timeout=60)
     assert list(csv.reader(out.open()))[0] == ["student", "sdpa", "causal_mask", "total", "possible", "status",
                                                "sandbox"]
-    assert_grades(rows, cases)
-    report = {r["student"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    report = assert_grades(rows, cases, out)
     assert any("sqrt(d_k)" in h for h in report["dave_no_scale"]["exercises"]["sdpa"]["hints"])
-    for name in ("eve_torch_function", "eve_aten_op", "eve_partial_map"):
-        assert "scaled_dot_product_attention" in report[name]["exercises"]["sdpa"]["tests"][0]["message"], name
-    assert "did not return within 2 s" in report["ivan_endless_function"]["exercises"]["sdpa"]["tests"][0]["message"]
-    tampering = " | ".join(report["grace_tampers"]["tampering"])
-    missing = [seen for seen in TAMPERING_SEEN if seen not in tampering]
-    assert not missing, (missing, tampering)
     assert sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.json"]   # no temp files left
     assert (ROOT / "gptcourse" / "exercises.py").read_text() != "owned"
+    assert sorted(p.name for p in subs.iterdir()) == sorted(f"{n}.ipynb" for n in cases)
     leftovers = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), leftovers                # nothing of a submission outlives the run
+
+
+HONEST = {
+    # correct but unusual: each must keep full marks through the clean room and the sandbox
+    "einsum": "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+              "    s = torch.einsum('...qd,...kd->...qk', q, k) / math.sqrt(q.shape[-1])\n"
+              "    if mask is not None:\n        s = s.masked_fill(~mask, float('-inf'))\n"
+              "    w = s.softmax(-1)\n    return torch.einsum('...qk,...kd->...qd', w, v), w\n",
+    "float64_inside": "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                      "    s = (q.double() @ k.double().transpose(-2, -1)) / q.shape[-1] ** 0.5\n"
+                      "    if mask is not None:\n        s = s.masked_fill(~mask, -math.inf)\n"
+                      "    w = torch.softmax(s, dim=-1)\n    return (w @ v.double()).to(q.dtype), w.to(q.dtype)\n",
+    "numpy_scalar": "import numpy as np\n"
+                    "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                    "    s = q @ k.transpose(-2, -1) / np.sqrt(q.shape[-1])\n"
+                    "    if mask is not None:\n        s = s.masked_fill(~mask, float('-inf'))\n"
+                    "    w = torch.softmax(s, -1)\n    return w @ v, w\n",
+    "helper_in_another_cell": ("SCALE_POWER = -0.5\n",
+                               "def softmax_last(s):\n"
+                               "    e = (s - s.max(-1, keepdim=True).values).exp()\n    return e / e.sum(-1, keepdim=True)\n"
+                               "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                               "    s = q @ k.transpose(-2, -1) * q.shape[-1] ** SCALE_POWER\n"
+                               "    if mask is not None:\n        s = torch.where(mask, s, -torch.inf)\n"
+                               "    w = softmax_last(s)\n    return w @ v, w\n"),
+    "lists_of_tuples_loops": "from math import sqrt\n"
+                             "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                             "    d = q.size(-1)\n    scores = torch.matmul(q, k.mT) / sqrt(d)\n"
+                             "    if mask is not None:\n        scores = scores.masked_fill(mask.logical_not(), float('-inf'))\n"
+                             "    weights = torch.nn.functional.softmax(scores, dim=-1)\n"
+                             "    outs = tuple([weights @ v, weights])\n    return outs\n",
+    "class_module": "import torch.nn as nn\nclass Attention(nn.Module):\n"
+                    "    def __init__(self):\n        super().__init__()\n        self.scale_power = -0.5\n"
+                    "    def forward(self, q, k, v, mask=None):\n"
+                    "        s = q @ k.transpose(-2, -1) * q.shape[-1] ** self.scale_power\n"
+                    "        if mask is not None:\n            s = s.masked_fill(~mask, float('-inf'))\n"
+                    "        w = s.softmax(-1)\n        return w @ v, w\n"
+                    "ATTENTION = Attention()\n"
+                    "def scaled_dot_product_attention(q, k, v, mask=None):\n    return ATTENTION(q, k, v, mask)\n",
+    "lambda_and_functools": "import functools\nsoftmax = functools.partial(torch.softmax, dim=-1)\n"
+                            "scaled_dot_product_attention = lambda q, k, v, mask=None: (lambda w: (w @ v, w))("
+                            "softmax((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill("
+                            "~mask, float('-inf')) if mask is not None else q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])))\n",
+    "redefined_later": ("import torch.nn.functional as F\n"                       # a first try, replaced
+                        "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                        "    return F.scaled_dot_product_attention(q, k, v)\n",
+                        "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                        "    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])\n"
+                        "    if mask is not None:\n        s = s.masked_fill(~mask, float('-inf'))\n"
+                        "    w = torch.softmax(s, -1)\n    return w @ v, w\n"),
+}
+
+
+def test_unusual_but_correct_solutions_keep_full_marks(tmp_path):
+    """Through the command line, sandboxed: einsum, float64 inside, a NumPy scalar, a
+    helper and a constant in other cells, loops and tuples, an nn.Module, a lambda with
+    functools, and a first try with the ready-made version replaced in a later cell."""
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    cases = {name: (notebook(*(cells if isinstance(cells, tuple) else (cells,))), 8, 3, "graded", "")
+             for name, cells in HONEST.items()}
+    rows, out = grade_batch(tmp_path, cases, timeout=60)
+    assert_grades(rows, cases, out)
 
 
 def test_no_bubblewrap_refuses_unless_unsafe(tmp_path, monkeypatch, capsys):
@@ -870,20 +951,21 @@ def test_odd_outputs_fail_the_test_without_crashing_the_grader():
         assert result["points"] == 0
 
 
-# --- the sandbox's own limits, below the worker's audit hook ------------------------
-# A stand-in worker that does what the hook would refuse, to show the kernel-level
-# limits hold by themselves: the PID namespace, the cgroups, the wall clock, the cap.
+# --- the sandbox's own limits, below anything Python does ---------------------------
+# A stand-in worker (not vetted, not the real worker) that does what a submission would
+# like to, to show the kernel-level limits hold by themselves: seccomp, the cgroup, the
+# sized tmpfs, the read-only root, the wall clock, the output cap.
 
-def run_raw_worker(tmp_path, body, timeout_s=4, memory_mb=1000, max_tasks=16):
+def run_raw_worker(tmp_path, body, timeout_s=4, memory_mb=1000, max_tasks=16, tmp_mb=256):
     import time
     from gptcourse import sandbox
     stub = tmp_path / f"stub{len(list(tmp_path.iterdir()))}"
     stub.mkdir()
-    (stub / "grading_worker.py").write_text("import os, sys, subprocess, time\nsys.stdin.read()\n" + body)
+    (stub / "grading_worker.py").write_text("import os, sys, time, errno\nsys.stdin.read()\n" + body)
     stub.chmod(0o755)
     start = time.perf_counter()
     run = sandbox.run_worker(str(stub), b'{"result_fd": -1, "rlimit_mb": 0}\n', timeout_s, memory_mb,
-                             max_tasks=max_tasks)
+                             max_tasks=max_tasks, tmp_mb=tmp_mb)
     return run, time.perf_counter() - start
 
 
@@ -891,27 +973,120 @@ def leftover(pattern):
     return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.strip()
 
 
-def test_sandbox_limits_hold_without_the_audit_hook(tmp_path):
-    # a detached grandchild holding stderr open: the run still ends on time, and it dies
-    run, seconds = run_raw_worker(tmp_path, "subprocess.Popen(['setsid', 'sh', '-c', 'sleep 1001'])\n"
-                                            "time.sleep(1000)\n", timeout_s=3)
-    assert run["timed_out"] and seconds < 15 and not leftover("sleep 1001")
-    # the worker exits at once, its grandchild would live on: the PID namespace ends it
-    run, seconds = run_raw_worker(tmp_path, "subprocess.Popen(['setsid', 'sh', '-c', 'sleep 1002'])\n")
-    assert not run["timed_out"] and seconds < 15 and not leftover("sleep 1002")
-    # four forked children of 400 MB each: one memory limit for the whole tree
-    run, _ = run_raw_worker(tmp_path, "for _ in range(4):\n    if os.fork() == 0:\n"
-                                      "        x = b'1' * (400 << 20)\n        time.sleep(1000)\n"
-                                      "time.sleep(1000)\n", timeout_s=8)
-    assert run["oom"]
-    # a fork bomb meets pids.max, and nothing of it is left
-    run, _ = run_raw_worker(tmp_path, "n = 0\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
-                                      "        print('refused after', n, flush=True)\n        time.sleep(1000)\n"
-                                      "    n += 1\n", timeout_s=4, max_tasks=12)
-    assert run["timed_out"] and not leftover("grading_worker.py")
+def report_lines(run):
+    """The raw worker's `name: value` lines on stderr, as a dict."""
+    lines = run["stderr"].decode(errors="replace").splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def test_sandbox_limits_hold_without_the_worker(tmp_path):
+    # one process touching 1.5 GB: the cgroup's OOM killer ends it
+    run, _ = run_raw_worker(tmp_path, "x = b'1' * (1500 << 20)\ntime.sleep(1000)\n", timeout_s=20,
+                            memory_mb=256)
+    assert run["oom"] and not run["timed_out"], run
+    assert run["limits"] in ("cgroup v1", "cgroup v2")
+    # threads (the one way left to add tasks) stop at pids.max
+    run, _ = run_raw_worker(tmp_path, "import threading\nn = 0\ntry:\n    while True:\n"
+                                      "        threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()\n"
+                                      "        n += 1\nexcept RuntimeError as e:\n"
+                                      "    print('threads:', n, file=sys.stderr)\nos._exit(0)\n",
+                            timeout_s=10, max_tasks=12)
+    threads = int(report_lines(run)["threads"])
+    assert 0 < threads < 12, run
+    # every writable place is sized; the root is read-only; there is no /dev/shm
+    run, _ = run_raw_worker(tmp_path, """
+def fill(path):
+    total = 0
+    try:
+        with open(path, 'wb') as f:
+            while True:
+                f.write(b'x' * (1 << 20)); f.flush(); total += 1
+    except OSError as e:
+        return f'{errno.errorcode[e.errno]} after {total} MB'
+print('tmp:', fill('/tmp/big'), file=sys.stderr); os.remove('/tmp/big')
+print('home:', fill('/home/student/big'), file=sys.stderr); os.remove('/home/student/big')
+for path in ('/big', '/usr/big', '/dev/big'):
+    print(path + ':', fill(path), file=sys.stderr)
+print('shm:', os.path.exists('/dev/shm'), file=sys.stderr)
+""", timeout_s=30, tmp_mb=64)
+    lines = report_lines(run)
+    assert lines["tmp"].startswith("ENOSPC") and int(lines["tmp"].split()[2]) <= 64, lines
+    assert lines["home"].startswith("ENOSPC") and int(lines["home"].split()[2]) <= 64, lines
+    assert all(lines[p].startswith(("EROFS", "EACCES")) for p in ("/big", "/usr/big", "/dev/big")), lines
+    assert lines["shm"] == "False"
+    # a worker that never ends: the wall clock ends it, and nothing of it is left
+    run, seconds = run_raw_worker(tmp_path, "open('/tmp/marker-1003', 'w')\ntime.sleep(1003)\n", timeout_s=3)
+    assert run["timed_out"] and seconds < 15 and not leftover("grading_worker.py")
     # 300 MB of output: the grader keeps the last 64 KB
     run, _ = run_raw_worker(tmp_path, "for _ in range(300):\n    os.write(2, b'x' * (1 << 20))\n", timeout_s=30)
     assert len(run["stderr"]) == 64 * 1024 and not run["timed_out"]
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="system call numbers for x86-64")
+def test_seccomp_refuses_every_way_of_starting_a_process_but_threads(tmp_path):
+    body = r"""
+import ctypes, threading, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+def report(name, attempt, marker=None):
+    try:
+        value = attempt()
+        if isinstance(value, int) and value < 0:
+            value = 'error ' + errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+    except BaseException as e:
+        value = type(e).__name__ + ' ' + errno.errorcode.get(getattr(e, 'errno', None) or 0, str(e)[:60])
+    time.sleep(0.2)
+    ran = marker is not None and os.path.exists(marker)
+    print(f'{name}: {value}' + (' RAN' if ran else ''), file=sys.stderr, flush=True)
+def child(path):
+    open(path, 'w').close(); os._exit(0)
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        child('/tmp/fork')
+    return pid
+report('os.fork', fork, '/tmp/fork')
+report('os.posix_spawn', lambda: os.posix_spawn('/usr/bin/touch', ['touch', '/tmp/spawn'], {}), '/tmp/spawn')
+report('subprocess.Popen', lambda: subprocess.Popen(['/usr/bin/touch', '/tmp/popen']), '/tmp/popen')
+import _posixsubprocess
+report('os.system', lambda: os.system('touch /tmp/system') or 'returned 0', '/tmp/system')
+import multiprocessing
+report('multiprocessing', lambda: multiprocessing.Process(target=child, args=('/tmp/mp',)).start(), '/tmp/mp')
+import pty
+def forkpty():
+    pid, fd = pty.fork()
+    if pid == 0:
+        child('/tmp/pty')
+    return pid
+report('pty.fork', forkpty, '/tmp/pty')
+report('clone', lambda: libc.syscall(56, 17, 0, 0, 0, 0))     # SIGCHLD: a new process
+report('clone3', lambda: libc.syscall(435, 0, 0))
+report('vfork', lambda: libc.syscall(58))
+report('unshare', lambda: libc.unshare(0x10000000))          # CLONE_NEWUSER
+report('setns', lambda: libc.setns(0, 0))
+report('ptrace', lambda: libc.ptrace(0, 0, 0, 0))              # PTRACE_TRACEME
+buf = ctypes.create_string_buffer(8)
+report('process_vm_readv', lambda: libc.process_vm_readv(os.getpid(), 0, 0, 0, 0, 0))
+report('mount', lambda: libc.mount(b'none', b'/tmp', b'tmpfs', 0, None))
+report('bpf', lambda: libc.syscall(321, 0, 0, 0))
+report('keyctl', lambda: libc.syscall(250, 0, 0, 0, 0, 0))
+report('io_uring_setup', lambda: libc.syscall(425, 1, ctypes.byref(ctypes.create_string_buffer(120))))
+import socket
+report('socket', lambda: socket.socket(socket.AF_UNIX))
+done = []
+t = threading.Thread(target=done.append, args=('ran',)); t.start(); t.join()
+report('thread', lambda: done[0])
+"""
+    run, _ = run_raw_worker(tmp_path, body, timeout_s=60)
+    lines = report_lines(run)
+    for name in ("os.fork", "os.posix_spawn", "subprocess.Popen", "multiprocessing", "clone", "vfork",
+                 "unshare", "setns", "ptrace", "process_vm_readv", "mount", "bpf", "keyctl", "io_uring_setup",
+                 "socket"):
+        assert "EPERM" in lines[name] and "RAN" not in lines[name], (name, lines)
+    assert "ENOSYS" in lines["clone3"]                  # glibc then falls back to clone, refused above
+    assert lines["os.system"] != "returned 0" and "RAN" not in lines["os.system"], lines
+    assert "RAN" not in lines["pty.fork"] and "Error" in lines["pty.fork"], lines
+    assert lines["thread"] == "ran"
+    assert not leftover("grading_worker.py")
 
 
 # --- chapter 14's exercises against the course's own implementations -------------
