@@ -15,25 +15,43 @@ Instructors, on a folder of submitted notebooks:
 
     -> runs each notebook under bubblewrap (gptcourse/sandbox.py: user nobody,
        own PID/network/mount/IPC namespaces, read-only system, no course
-       sources, cgroup memory and process limits, a wall clock for the whole
-       tree), grades every exercise, writes grades.csv (one row per student,
+       sources, seccomp, cgroup memory/task/CPU limits, a wall clock for the
+       whole tree), grades every exercise, writes grades.csv (one row per student,
        one column per exercise, total, status, sandbox) and grades.json (the
        feedback of every test), both atomically. Without bubblewrap it refuses
        unless --unsafe-no-sandbox is given, which the reports record.
 
-How it stays honest:
-  * inputs are drawn from a secret seed per student (and fresh at every
-    check), so answers hard-coded for the notebook's examples fail;
-  * the student's function runs under a TorchFunctionMode and a
-    TorchDispatchMode that record the torch functions and ATen operators it
-    actually executes: a ready-made implementation (PyTorch's attention or
-    layer norm, by any name) earns zero for that exercise; in check(), a
-    profiler also catches calls of the course's own reference functions;
-  * in batch grading the sandboxed worker (gptcourse/grading_worker.py) only
-    computes outputs and records operators, and signs what it sends; the
-    grades, the forbidden-operator verdicts and the hints are computed here,
-    by the grading process, which never runs student code, so printing
-    "PASS", patching the grader or writing a results file changes nothing.
+What the batch grade trusts, and what it does not (the trust boundary):
+  * answers, not claims: every student gets inputs drawn from a secret seed
+    that never enters the sandbox as a seed (only the inputs do); the
+    worker sends back outputs only, which are loaded here with
+    torch.load(weights_only=True), size-capped, and compared with the
+    reference here. Nothing the worker reports about itself (a status, an
+    operator list, a signature) decides a grade, so there is no secret in
+    the sandbox to steal and no record in it worth rewriting;
+  * the clean room: the graded function runs in a fresh process that never
+    ran the notebook: gptcourse/cleanroom.py reads the notebook's text here
+    and keeps only the statements the function needs (its definition, the
+    helpers and constants it reads, their imports), and refuses, before
+    anything runs, what a graded function never needs (eval/exec, getattr,
+    dunders, frames, private attributes, torch._C, modules outside a short
+    list). Everything else in the notebook never runs;
+  * "write it yourself": a from-import or attribute of the ready-made version
+    (F.scaled_dot_product_attention, ...) is refused by that static reading,
+    and in the worker the forbidden ATen operators are replaced, for every
+    dispatch key, by kernels that raise (torch.library) before any student
+    code runs, so calling them by any Python path fails below Python;
+  * the process: bubblewrap (gptcourse/sandbox.py) as user nobody, no
+    network, a read-only root, sized tmpfs, a seccomp filter that refuses
+    new processes (threads excepted), namespaces, ptrace and other
+    processes' memory; a cgroup (gptcourse/cgroups.py, v2 or v1) for memory,
+    tasks and CPU share, or per-process rlimits where no cgroup can be made;
+    a wall clock that kills the whole tree.
+
+check() in the student's own kernel is feedback, not a defence: it records the
+operators a call executes (TorchFunctionMode, TorchDispatchMode) and calls of
+the course's references (a profiler), and any cell can fool it; the batch
+grade is what counts.
 """
 import contextlib
 import copy
@@ -430,6 +448,39 @@ def check(key, fn):
     from .exercises import EXERCISES
     result = grade(key, fn)
     print(format_result(EXERCISES[key], result))
+    note = grader_note(EXERCISES[key])
+    if note:
+        print(note)
+
+
+def grader_note(exercise, cells=None):
+    """What the batch grader's clean room (gptcourse/cleanroom.py) would refuse in
+    the code run so far, as a note for the student, or None. cells: the code run,
+    in order (default: this IPython kernel's input history, In[1:]; outside
+    IPython there is no history and no note)."""
+    from .cleanroom import clean_room
+    history = cells is None
+    if history:
+        try:
+            from IPython import get_ipython
+            shell = get_ipython()
+            cells = list(shell.user_ns.get("In", []))[1:] if shell is not None else []
+        except ImportError:
+            cells = []
+    if not cells:
+        return None
+    room = clean_room(cells, exercise.function, exercise.forbidden_ops)
+    where = "the batch grader"
+    if room.forbidden:
+        why = f"uses {room.forbidden}, which this exercise asks you to write yourself"
+    elif room.problem:
+        why = room.problem
+    else:
+        return None
+    if history:                                     # history entries are numbered as In [N]
+        import re
+        why = re.sub(r"code cell (\d+)", r"In [\1]", why)
+    return f"Note: {where} would not run {exercise.function} as it stands: {why}."
 
 
 # ----------------------------------------------------------------------------
@@ -527,16 +578,6 @@ def judge(exercise, record, n_cases):
             outcomes.append((status, str(value)))
     outcomes += [("error", "not run: an earlier test did not return")] * (n_cases - len(outcomes))
     return outcomes
-
-
-def forbidden_used(exercise, names):
-    """The first recorded torch function or ATen operator that is a ready-made
-    implementation of this exercise, or None."""
-    for name in names:
-        for pattern in exercise.forbidden_ops:
-            if pattern in name:
-                return name
-    return None
 
 
 def selected_exercises(notebook=None):
@@ -718,6 +759,12 @@ def grade_folder(folder, out_csv, out_json=None, timeout_s=300, memory_mb=3072, 
     EXERCISES = selected_exercises(notebook)
     if sandbox:
         sb.check_bwrap()
+    if progress:                                   # say which limits this host gives, and how to get more
+        from .cgroups import probe
+        kind, why = probe()
+        print(f"limits per notebook: {why}" if kind else
+              f"limits per notebook: one process (seccomp) under RLIMIT_AS and RLIMIT_CPU, sized tmpfs; {why}",
+              file=sys.stderr)
     # names are bytes (any bytes: old zip tools write names that are not UTF-8);
     # read everything first: a submission that deletes files cannot reach the others
     raw_names = sorted(p for p in os.listdir(os.fsencode(folder)) if p.endswith(b".ipynb"))

@@ -1,30 +1,40 @@
 """Run one untrusted grading worker under bubblewrap, with limits for its whole tree.
 
-    run_worker(stub_dir, job_bytes, key, limits, sandbox=True) -> dict
+    run_worker(stub_dir, job_bytes, timeout_s, memory_mb, max_tasks=16, sandbox=True) -> dict
 
-The worker (gptcourse/grading_worker.py, copied into stub_dir with a stub
-`gptcourse` package) runs as:
+The worker (gptcourse/grading_worker.py, alone in stub_dir) runs as:
 
     bwrap --unshare-all --unshare-user --uid 65534 --gid 65534 --die-with-parent
-          --new-session --clearenv   (user nobody; own PID, network (none), mount,
-                                      IPC, UTS and cgroup namespaces; no capabilities)
-          --ro-bind /usr ... --ro-bind <python and its site-packages>   (read-only system)
-          --ro-bind stub_dir /grader                                    (worker + stub package)
-          --tmpfs /tmp --tmpfs /home/student   (private, size-capped, gone afterwards)
+          --new-session --clearenv --cap-drop ALL   (user nobody; own PID, network (none),
+                                                     mount, IPC, UTS and cgroup namespaces)
+          --ro-bind /usr ... --ro-bind <python and its site-packages>   (the system, read-only)
+          --tmpfs /tmp --tmpfs /home/student   (private, sized, gone afterwards)
+          --ro-bind stub_dir /grader --proc /proc --dev-bind <null zero full random urandom>
+          --remount-ro /  --seccomp FD
           python -E -s /grader/grading_worker.py
 
 Nothing else of the host is visible: not the submissions folder, not the
 other students' workers (their own PID namespaces), not the grader's files,
 the solutions or the course's sources (a `gptcourse` folder in site-packages
-is hidden under an empty tmpfs).
+is hidden under an empty tmpfs). Every writable place is a sized tmpfs; the
+root, /usr and /dev are read-only; there is no /dev/shm.
 
-Limits for the whole tree: a memory cgroup (memory.limit_in_bytes, swap
-included where the kernel accounts it) and a pids cgroup (pids.max, which
-counts threads too), created under the grader's own cgroups (v1) when it may
-write there; otherwise RLIMIT_AS per process (recorded as "rlimit"). A
-wall-clock limit kills the whole tree (bwrap's process group; the PID
-namespace dies with its first process), stdout and stderr are kept to their
-last 64 KB, and the result channel is capped at 256 MB.
+The seccomp filter (seccomp_filter(), built with libseccomp's bindings, loaded by
+bubblewrap before the worker starts) refuses with EPERM every way of starting a
+process other than a thread (fork, vfork, clone without CLONE_THREAD; clone3 gets
+ENOSYS so the C library falls back to clone), new namespaces (unshare, setns),
+ptrace and process_vm_readv/writev, bpf, keyctl, mount, sockets, io_uring and
+the rest of DENIED_SYSCALLS.
+
+Limits for the whole tree come from a cgroup (gptcourse/cgroups.py: cgroup v2,
+including a delegated subtree for an ordinary user, or v1): memory (no swap on
+top), tasks (pids.max counts threads) and a CPU share (one core by default), so
+one notebook cannot starve its neighbours. Where no cgroup can be made (an
+ordinary user on a cgroup-v1 host), the worker is still one process (seccomp)
+under RLIMIT_AS and RLIMIT_CPU in sized tmpfs ("rlimit+seccomp"). A wall-clock
+limit kills the whole tree (bwrap's process group; the PID namespace dies with
+its first process), stdout and stderr are kept to their last 64 KB, and the
+result channel is read up to `result_cap` bytes.
 
 With sandbox=False (the instructor's explicit --unsafe-no-sandbox) the worker
 runs as a plain child process with the same limits where possible.
@@ -35,7 +45,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from gptcourse import cgroups
 
@@ -224,7 +233,7 @@ def run_worker(stub_dir, job, timeout_s, memory_mb, max_tasks=16, sandbox=True, 
     worker does.
 
     Returns dict(result=bytes read from the result channel, returncode,
-    timed_out, oom, stderr=last bytes, limits="cgroup v2"|"cgroup v1"|"rlimit"|"none")."""
+    timed_out, oom, stderr=last bytes, limits="cgroup v2"|"cgroup v1"|"rlimit+seccomp"|"rlimit"|"none")."""
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     cg = cgroups.create(memory_mb, max_tasks, cpu_cores) if memory_mb else None
@@ -250,7 +259,8 @@ def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, cg, result_cap):
     if cg is not None:                           # join the cgroup(s) first, then become bwrap
         joiner = " && ".join(f"echo $$ > {f}" for f in cg.procs_files)
         cmd = ["/bin/sh", "-c", joiner + ' && exec "$@"', "sh"] + cmd
-    limits = cg.kind if cg is not None else ("rlimit" if memory_mb else "none")
+    # without a cgroup: one process (seccomp) under RLIMIT_AS and RLIMIT_CPU, in sized tmpfs
+    limits = cg.kind if cg is not None else ("none" if not memory_mb else "rlimit+seccomp" if sandbox else "rlimit")
     env = {"PATH": "/usr/bin:/bin", "HOME": stub_dir, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1", "GPTCOURSE_OFFLINE": "1", "LANG": "C.UTF-8"}
     # per process as well: a single huge allocation then fails with MemoryError in that

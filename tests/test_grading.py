@@ -487,6 +487,21 @@ def test_patching_the_grader_or_printing_pass_earns_zero(capsys):
     assert grading.compare is original_compare and torch.isclose is original_isclose   # restored
 
 
+def test_check_says_what_the_batch_grader_would_refuse():
+    from gptcourse.exercises import EXERCISES
+    sdpa = EXERCISES["sdpa"]
+    fine = "import torch\ndef scaled_dot_product_attention(q, k, v, mask=None):\n    return q, q\n"
+    assert grading.grader_note(sdpa, [fine]) is None
+    assert grading.grader_note(sdpa, ["import os\n", fine.replace("return q, q", "return getattr(q, 'T'), q")]) == (
+        "Note: the batch grader would not run scaled_dot_product_attention as it stands: code cell 2, line 3: "
+        "uses `getattr`, which graded code may not use (it reaches objects by name or opens files); "
+        "write the name out.")
+    assert "uses F.scaled_dot_product_attention" in grading.grader_note(sdpa, [
+        "import torch.nn.functional as F\n" + fine.replace("return q, q", "return F.scaled_dot_product_attention(q, k, v), q")])
+    assert "no function named scaled_dot_product_attention" in grading.grader_note(sdpa, ["def my_sdpa(q): pass"])
+    assert grading.grader_note(sdpa) is None                 # outside IPython: no history, no note
+
+
 def test_check_prints_the_report(capsys):
     grading.check("sdpa", sdpa_mask_after)
     out = capsys.readouterr().out.splitlines()
@@ -562,7 +577,6 @@ def attack_submissions(subs):
                  "    w = (s - s.amax(-1, keepdim=True)).exp()\n    w = w / w.sum(-1, keepdim=True)\n"
                  "    return torch.einsum('...qk,...kd->...qd', w, v), w\n"
                  "def causal_mask(T):\n    i = torch.arange(T)\n    return i[:, None] >= i[None, :]\n")
-    refused = "not run: code cell"
     return {
         "alice_solution": (json.dumps(SOLVED), 8, 3, "graded", ""),
         "amy_different_but_correct": (replace_sdpa(different), 8, 3, "graded", ""),
@@ -801,6 +815,69 @@ def test_unusual_but_correct_solutions_keep_full_marks(tmp_path):
              for name, cells in HONEST.items()}
     rows, out = grade_batch(tmp_path, cases, timeout=60)
     assert_grades(rows, cases, out)
+
+
+def as_nobody():
+    """A command prefix that runs what follows as the user nobody (uid 65534: no
+    capabilities, no writable cgroup), in a private mount namespace where the folders
+    above this Python that nobody could not enter (root's 0700 home, say) are replaced
+    by an empty one holding only the Python. None where this cannot be arranged."""
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
+        return None
+    real = os.path.realpath(sys.executable)
+    steps = []
+    parts = Path(real).parents
+    for folder in reversed(parts):                    # from / down
+        if folder != Path("/") and not os.stat(folder).st_mode & 0o001:
+            keep = Path(real).relative_to(folder).parts[0]
+            aside = f"/tmp/as-nobody-{os.getpid()}"
+            steps += [f"mkdir -p {aside}", f"mount --bind {folder / keep} {aside}",
+                      f"mount -t tmpfs -o mode=755,size=1m none {folder}", f"mkdir {folder / keep}",
+                      f"mount --bind {aside} {folder / keep}"]
+            break
+    script = " && ".join(steps + ['exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all '
+                                  '--bounding-set=-all env HOME=/tmp "$@"'])
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                            sys.executable, "-c", "import os, torch; print(os.getuid())"],
+                           capture_output=True, text=True)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"] \
+        if probe.stdout.strip() == "65534" else None
+
+
+def test_batch_grading_as_an_ordinary_user(tmp_path):
+    """The grader run by an ordinary user (nobody here: no capabilities, no cgroup it
+    may write): bubblewrap still isolates each notebook, seccomp still refuses new
+    processes, and the limits are the per-process ones (one process, RLIMIT_AS and
+    RLIMIT_CPU, sized tmpfs). The same attacks earn the same (no) points."""
+    import tempfile
+    runner = as_nobody()
+    if runner is None:
+        pytest.skip("needs root to become nobody (unshare, setpriv)")
+    with tempfile.TemporaryDirectory(prefix="grading-as-nobody-") as folder:   # pytest's own is 0700
+        os.chmod(folder, 0o777)
+        _grade_as_nobody(Path(folder), runner)
+
+
+def _grade_as_nobody(tmp_path, runner):
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    subs.chmod(0o755)
+    everything = attack_submissions(subs)
+    keep = ("alice_solution", "amy_different_but_correct", "dave_no_scale", "eve_torch_function", "eve_aten_op",
+            "eve_getattr", "grace_fork_exec", "grace_forges_results", "grace_hostile_helper",
+            "ivan_endless_function", "ivan_huge_answer")
+    cases = {name: everything[name] for name in keep}
+    uses = "def scaled_dot_product_attention(q, k, v, mask=None):\n    return BIG, BIG\n"
+    cases["ken_memory_hog"] = (replace_sdpa("BIG = bytearray(8 << 30)\n" + uses), 0, 3,
+                               "graded", "MemoryError")
+    (tmp_path / "out").mkdir(mode=0o777)
+    (tmp_path / "out").chmod(0o777)
+    rows, out = grade_batch(tmp_path, cases, timeout=60, runner=runner)
+    report = assert_grades(rows, cases, out)
+    assert {r["limits"] for r in report.values()} == {"rlimit+seccomp"}
+    assert os.stat(out).st_uid == 65534                 # written by the ordinary user
+    assert not leftover("grading_worker.py")
 
 
 def test_no_bubblewrap_refuses_unless_unsafe(tmp_path, monkeypatch, capsys):
