@@ -14,5 +14,14 @@ One module per idea:
     batching     continuous batching: many sequences decoded in one forward pass per step
     tools        tool calling: a call syntax, its parser, safe tools, the tool loop
     viz          attention heatmaps and loss curves
+
+Graded exercises and the grader:
+    exercises      the graded functions, their references, cases and hints
+    grading        check() for students; batch grading for instructors (python -m gptcourse.grading)
+    cleanroom      the statements of a notebook a graded function needs, vetted before anything runs
+    grading_worker the process that runs them, inside the sandbox
+    sandbox        bubblewrap and seccomp around that process
+    cgroups        its memory, task and CPU limits (cgroup v2 or v1)
+    gradescope     Gradescope's autograder bundle and results.json; an LMS gradebook CSV
 """
 __version__ = "0.1.0"
