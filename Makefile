@@ -49,10 +49,13 @@ browser:
 	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
 
-# bubblewrap, the sandbox the batch grader runs each submission in (gptcourse/sandbox.py)
+# bubblewrap, the sandbox the batch grader runs each submission in (gptcourse/sandbox.py),
+# and libseccomp, whose filter it loads (pyseccomp, in the venv, calls the C library)
 sandbox:
 	@command -v bwrap >/dev/null || (apt-get install -y -q bubblewrap >/dev/null || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null))
+	@/sbin/ldconfig -p | grep -q libseccomp.so.2 || (apt-get install -y -q libseccomp2 >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q libseccomp2 >/dev/null))
 
 # Grading time per notebook, sandboxed and not, side by side (not part of `make test`)
 bench-grading: install sandbox

@@ -34,15 +34,22 @@ the cell and line: names and attributes that begin with an underscore (but
 `__init__`, for `super().__init__()`), the builtins that turn a string into an
 object or open files (BLOCKED_NAMES), the attributes of frames, generators,
 tracebacks and code objects, and the attributes that reach files, raw memory,
-other processes or torch's dispatcher (BLOCKED_ATTRIBUTES). An honest solution
+other processes or torch's dispatcher (BLOCKED_ATTRIBUTES), special methods
+other than ALLOWED_SPECIAL_METHODS (a property `__array_interface__` would hand
+NumPy any address), and `type` other than as `type(x)`. The modules the allowed
+ones import (torch.os, fractions.sys, numpy.ma's inspect) are reached by
+attribute, so every attribute the program reads is rewritten into a call of
+the worker's guard (_Guarded), which refuses to read from, or hand out, a module
+outside ALLOWED_MODULES. An honest solution
 (loops, einsum, float64 inside, NumPy, tuples, a helper, a class) never needs
 them; the exercise notebooks' `check()` says so before submission.
 """
 import ast
+import copy
 from dataclasses import dataclass, field
 
-ALLOWED_MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "math", "cmath",
-                   "numpy", "numpy.linalg", "itertools", "functools", "collections", "heapq", "bisect",
+ALLOWED_MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.linalg", "torch.fft",
+                   "torch.special", "math", "cmath", "numpy", "numpy.linalg", "numpy.random", "itertools", "functools", "collections", "heapq", "bisect",
                    "statistics", "random", "re", "fractions", "decimal", "copy")
 # builtins that reach an object from a string, open files, or read the caller's variables
 BLOCKED_NAMES = frozenset({
@@ -56,8 +63,15 @@ BLOCKED_ATTRIBUTES = frozenset({
     "export", "hub", "package", "multiprocessing", "distributed", "classes", "data_ptr", "untyped_storage",
     "storage", "set_", "get_type_hints", "modules", "builtins", "system", "mro", "backends"})
 # frames, generators, coroutines, tracebacks, code objects: the way to other code's variables
-FRAME_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_")
+# (func_globals, func_code: Cython functions' names for __globals__ and __code__; im_: methods')
+FRAME_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_", "func_", "im_")
 ALLOWED_DUNDERS = ("__init__",)
+# special methods a graded class may define: the ones an nn.Module, a container or a
+# printable value needs. Others (__array_interface__, __dlpack__, __torch_function__,
+# __reduce__, __del__, __getattr__, ...) hand C code or the worker a hook, and are refused
+ALLOWED_SPECIAL_METHODS = ("__init__", "__call__", "__len__", "__getitem__", "__setitem__", "__contains__",
+                           "__iter__", "__next__", "__repr__", "__str__")
+GUARD = "_grader_attr"     # what `obj.name` becomes in the program sent to the worker (see _Guarded)
 
 
 @dataclass
@@ -192,7 +206,13 @@ def _where(cell, node):
 
 def _vet(cell, node, forbidden):
     """(problem, forbidden_name) for one kept statement: the first thing refused, or (None, None)."""
+    # type(x) may ask an object's class; type(name, bases, namespace) would make a class
+    # whose attributes are given as strings (special methods past the checks below)
+    one_argument_type = {id(n.func) for n in ast.walk(node) if isinstance(n, ast.Call) and
+                         isinstance(n.func, ast.Name) and len(n.args) == 1 and not n.keywords}
     for n in ast.walk(node):
+        if isinstance(n, ast.Name) and n.id == "type" and id(n) not in one_argument_type:
+            return f"{_where(cell, n)}: uses type other than as type(x), which graded code may not do", None
         if isinstance(n, (ast.Import, ast.ImportFrom)):
             if isinstance(n, ast.ImportFrom) and (n.level or n.module is None):
                 return f"{_where(cell, n)}: a relative import; graded code imports only {', '.join(ALLOWED_MODULES)}", None
@@ -224,11 +244,30 @@ def _vet(cell, node, forbidden):
             problem = _attribute_problem(n.attr)
             if problem:
                 return f"{_where(cell, n)}: uses `.{n.attr}`, {problem}", None
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if n.name.startswith("__") and n.name.endswith("__") and n.name not in ALLOWED_SPECIAL_METHODS:
+                return (f"{_where(cell, n)}: defines {n.name}, a special method graded code may not define "
+                        f"(allowed: {', '.join(ALLOWED_SPECIAL_METHODS)})"), None
         elif isinstance(n, (ast.Global, ast.Nonlocal)):
             bad = [name for name in n.names if name.startswith("__")]
             if bad:
                 return f"{_where(cell, n)}: declares {bad[0]}, a name graded code may not use", None
     return None, None
+
+
+class _Guarded(ast.NodeTransformer):
+    """`obj.name` (read) becomes `_grader_attr(obj, "name")`: in the worker, that
+    function refuses to read from, or hand out, a module outside ALLOWED_MODULES,
+    so the modules that allowed ones import (torch.os, fractions.sys, numpy's
+    inspect, ...) stay out of reach. Stores and deletes keep their form."""
+
+    def visit_Attribute(self, node):
+        self.generic_visit(node)
+        if not isinstance(node.ctx, ast.Load):
+            return node
+        call = ast.Call(func=ast.Name(id=GUARD, ctx=ast.Load()), args=[node.value, ast.Constant(node.attr)],
+                        keywords=[])
+        return ast.copy_location(call, node)
 
 
 def _forbidden_in(name, forbidden):
@@ -239,7 +278,7 @@ def _attribute_problem(attr):
     if attr.startswith("_") and attr not in ALLOWED_DUNDERS:
         return "an attribute that begins with an underscore (private or special), which graded code may not use"
     if attr.startswith(FRAME_PREFIXES):
-        return "an attribute of frames, generators or code objects, which graded code may not use"
+        return "an attribute of frames, generators, functions or code objects, which graded code may not use"
     if attr in BLOCKED_ATTRIBUTES:
         return "which reaches files, raw memory, other processes or torch's internals: graded code may not use it"
     return None
@@ -274,7 +313,7 @@ def clean_room(cells, function, forbidden=()):
             return CleanRoom(forbidden=hit, statements=[(cell, node.lineno)])
         if problem:
             return CleanRoom(problem=problem, statements=[(cell, node.lineno)])
-        parts.append(ast.unparse(node))
+        parts.append(ast.unparse(_Guarded().visit(copy.deepcopy(node))))
         room.statements.append((cell, node.lineno))
     room.source = "\n".join(parts) + "\n"
     return room

@@ -19,7 +19,10 @@ For each exercise, in a namespace of its own:
      "... is not available while grading", so no route to PyTorch's ready-made
      version (a function, a module, torch.ops, a thread) reaches its code;
   2. the program runs with builtins that have no eval, exec, getattr, open or
-     __import__ beyond the allowed modules (a second line behind the vetting);
+     __import__ beyond the allowed modules (a second line behind the vetting),
+     and every attribute it reads goes through guarded_getattr (cleanroom
+     rewrites `obj.name` into a call of it), which refuses to read from, or
+     hand out, any module but the allowed ones;
   3. the function is called on a deep copy of each input, each call under a
      CPU-time clock (SIGALRM; the sandbox's wall clock ends what never yields);
   4. the outputs, as plain data, go to the result descriptor as one record per
@@ -79,10 +82,33 @@ def safe_builtins(blocked, allowed_modules):
     def restricted_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level != 0 or name not in allowed_modules:
             raise ImportError(f"graded code may not import {name}")
-        return real_import(name, globals, locals, fromlist, level)
+        module = real_import(name, globals, locals, fromlist, level)
+        for item in fromlist or ():                 # `from torch import serialization`: a module not allowed
+            value = getattr(module, item, None)
+            if isinstance(value, type(sys)) and getattr(value, "__name__", None) not in allowed_modules:
+                raise ImportError(f"graded code may not import the module {value.__name__}")
+        return module
     table = {k: v for k, v in builtins.__dict__.items() if k not in blocked and not k.startswith("_")}
-    table.update(__build_class__=builtins.__build_class__, __import__=restricted_import, __name__="builtins")
+    table.update(__build_class__=builtins.__build_class__, __import__=restricted_import, __name__="builtins",
+                 _grader_attr=guarded_getattr(allowed_modules))
     return table
+
+
+def guarded_getattr(allowed_modules):
+    """The attribute read of graded code (cleanroom rewrites `obj.name` into a call
+    of this): it refuses to read from a module outside the allowed ones, or to hand
+    one out, so torch.os, fractions.sys and the like stay out of reach."""
+    module_type = type(sys)
+    real_getattr = getattr
+
+    def attr(obj, name):
+        if isinstance(obj, module_type) and real_getattr(obj, "__name__", None) not in allowed_modules:
+            raise AttributeError(f"graded code may not use the module {obj.__name__}")
+        value = real_getattr(obj, name)
+        if isinstance(value, module_type) and real_getattr(value, "__name__", None) not in allowed_modules:
+            raise AttributeError(f"graded code may not use the module {real_getattr(value, '__name__', '?')}")
+        return value
+    return attr
 
 
 def plain(value):
@@ -109,6 +135,14 @@ def _describe_error(e):
     if isinstance(e, RecursionError):
         return "error", "raised RecursionError"
     return "error", f"raised {type(e).__name__}: {str(e)[:200]}"
+
+
+def _describe_clocked(error, seconds):
+    """_describe_error under the call's clock: str(error) may run the submission's __str__."""
+    try:
+        return list(timed(seconds, lambda: _describe_error(error)))
+    except BaseException:
+        return ["error", "raised an exception that could not be described"]
 
 
 def timed(seconds, work):
@@ -146,7 +180,7 @@ def grade_exercise(task, settings, table):
                 cases.append(["timeout", f"did not return within {settings['call_timeout']:g} s (an endless loop?)"])
                 break
             except BaseException as e:                    # SystemExit and KeyboardInterrupt are errors too
-                cases.append(list(_describe_error(e)))
+                cases.append(_describe_clocked(e, settings["call_timeout"]))
                 continue
             try:
                 cases.append(["ok", plain(value)])

@@ -487,6 +487,43 @@ def test_patching_the_grader_or_printing_pass_earns_zero(capsys):
     assert grading.compare is original_compare and torch.isclose is original_isclose   # restored
 
 
+def test_no_module_frame_or_globals_is_reachable_from_the_allowed_modules():
+    """Walk what graded code can reach by attribute from the allowed modules (three
+    levels, as the clean room's vetting and the worker's guard let it): no module
+    outside the allowed ones, no module's globals, no frame, code object or loader."""
+    import importlib
+    import importlib.machinery
+    import types
+    import warnings
+    from gptcourse.cleanroom import ALLOWED_MODULES, _attribute_problem
+    allowed, seen, found = set(ALLOWED_MODULES), set(), []
+    queue = [(m, importlib.import_module(m), 0) for m in ALLOWED_MODULES]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while queue:
+            path, obj, depth = queue.pop()
+            if id(obj) in seen or depth > 3:
+                continue
+            seen.add(id(obj))
+            for name in dir(obj):
+                if _attribute_problem(name):                       # refused by the vetting
+                    continue
+                try:
+                    value = getattr(obj, name)
+                except Exception:
+                    continue
+                if isinstance(value, types.ModuleType):
+                    if value.__name__ not in allowed:               # the worker's guard refuses it
+                        continue
+                elif isinstance(value, dict) and ("__builtins__" in value or "__loader__" in value) or \
+                        isinstance(value, (importlib.machinery.ModuleSpec, types.FrameType, types.CodeType,
+                                           types.TracebackType)) or type(value).__name__.endswith("Loader"):
+                    found.append(f"{path}.{name}")
+                elif isinstance(value, type) or callable(value):
+                    queue.append((f"{path}.{name}", value, depth + 1))
+    assert len(seen) > 2000 and not found, found[:10]
+
+
 def test_check_says_what_the_batch_grader_would_refuse():
     from gptcourse.exercises import EXERCISES
     sdpa = EXERCISES["sdpa"]
@@ -623,6 +660,22 @@ def attack_submissions(subs):
                            "uses `__builtins__`"),
         "grace_numpy_memory": (in_sdpa("import numpy", "numpy.lib.stride_tricks.as_strided(numpy.zeros(1), (1 << 40,))"),
                                0, 3, "graded", "raw memory"),
+        # the modules that allowed modules import (torch.os, fractions.sys, numpy's inspect) are out of reach
+        "mallory_module_of_a_module": (in_sdpa("import statistics", "statistics.sys.path.insert(0, '/tmp')"),
+                                       0, 3, "graded", "may not use the module sys"),
+        "mallory_numpy_to_os": (in_sdpa("import numpy", "numpy.ma.extras.ma.inspect.os.remove('/tmp/x')"),
+                                0, 3, "graded", "may not use the module numpy.ma"),
+        "mallory_device_module": (in_sdpa("torch.get_device_module('cpu').amp"), 0, 3, "graded",
+                                  "may not use the module torch.cpu"),
+        "mallory_from_import_module": (in_sdpa("from statistics import sys"), 0, 3, "graded",
+                                       "may not import the module sys"),
+        # special methods that hand C code a hook (raw memory through NumPy's array interface)
+        "mallory_array_interface": (in_sdpa("numpy.array(Raw())", before="import numpy\nclass Raw:\n    @property\n"
+                                            "    def __array_interface__(self):\n"
+                                            "        return {'shape': (1 << 30,), 'typestr': '|u1', 'data': (4096, False), "
+                                            "'version': 3}\n"), 0, 3, "graded", "defines __array_interface__"),
+        "mallory_type_with_dunders": (in_sdpa("Raw = type('Raw', (), {'__array_interface__': {}})"), 0, 3,
+                                      "graded", "uses type other than as type(x)"),
         "grace_pickle_file": (in_sdpa("torch.save(q, '/tmp/x')", "torch.load('/tmp/x', weights_only=False)"),
                               0, 3, "graded", "`.save`"),
         # a helper the function needs, with an attack at the top of its cell: the attack is not
