@@ -1,9 +1,37 @@
 """Turning next-token logits into a token: greedy, temperature, top-k, top-p;
 and beam search, which looks for the most likely whole continuation.
+Also what every decoding loop of the course shares: the one greedy rule
+(is_greedy), the end-of-turn tokens of a chat model (end_of_turn_ids),
+stop strings in linear time (StopMatcher) and text as it is generated
+(TextDecoder).
 
 logits: (B, V), one row of unnormalised scores per sequence.
 """
+import codecs
+
 import torch
+
+MIN_TEMPERATURE = 1e-5       # below this, sampling is greedy (1e-38 would overflow to NaN)
+
+
+def is_greedy(temperature, top_p=None):
+    """The one greedy rule: True when temperature < MIN_TEMPERATURE (1e-5,
+    so 0 is greedy) or top_p == 0. Greedy decoding takes the argmax and draws
+    no random number; below 1e-5, dividing the logits would overflow.
+    top_p None means no nucleus filter.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    return temperature < MIN_TEMPERATURE or (top_p is not None and top_p == 0)
+
+
+def end_of_turn_ids(tokenizer):
+    """The token ids that end a chat model's turn: every special token of the
+    tokenizer (<|im_end|>, <|endoftext|>, ...), as the server stops. A model
+    writes special tokens only at the end of its turn; a tokenizer with no
+    `special` table gives the empty set.
+    """
+    return set(getattr(tokenizer, "special", {}).values())
 
 
 def top_k_filter(logits, k):
@@ -42,14 +70,14 @@ def top_p_filter(logits, p):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick the next token of each row. logits (B, V) -> ids (B, 1).
 
-    temperature=0 is greedy (argmax); otherwise logits are divided by the
-    temperature, filtered by top-k then top-p, and sampled.
+    Greedy (argmax, no random draw) when is_greedy(temperature): temperature
+    below 1e-5, 0 included. Otherwise logits are divided by the temperature,
+    filtered by top-k then top-p, and sampled. top_p must be in (0, 1]: a
+    request's top_p == 0 (greedy by is_greedy) is decided before, by the caller.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (B, V), got {tuple(logits.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if temperature == 0:
+    if is_greedy(temperature):
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
@@ -132,3 +160,73 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
             model.train(was_training)
     best = max(candidates, key=lambda c: c[0])
     return best[2], best[1]
+
+
+# ----------------------------------------------------------------------------
+# Stop strings in linear time, and text as it is generated
+# ----------------------------------------------------------------------------
+
+class StopMatcher:
+    """Watch a growing text for any of several stop strings (Knuth-Morris-Pratt).
+
+    feed(piece) -> (the index in piece just after the first completed stop
+    string, that string), or None. held_back: how many last characters of the text so far
+    are the beginning of a stop string (they must not be sent yet). Each
+    character costs O(number of stops), whatever the strings' lengths.
+
+    >>> m = StopMatcher(["\\nUser:"])
+    >>> m.feed("Hello\\nUs"), m.held_back
+    (None, 3)
+    >>> m.feed("er: hi")
+    (3, '\\nUser:')
+    """
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.fail = [self._failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)             # matched prefix length per stop
+
+    @staticmethod
+    def _failure(s):
+        """fail[k]: the longest proper border of s[:k+1]."""
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        return fail
+
+    def feed(self, piece):
+        for pos, ch in enumerate(piece):
+            for j, s in enumerate(self.stops):
+                k = self.state[j]
+                while k and ch != s[k]:
+                    k = self.fail[j][k - 1]
+                if ch == s[k]:
+                    k += 1
+                if k == len(s):
+                    self.state = [0] * len(self.stops)
+                    return pos + 1, s
+                self.state[j] = k
+        return None
+
+    @property
+    def held_back(self):
+        return max(self.state, default=0)
+
+
+class TextDecoder:
+    """Token ids -> text, piece by piece; a UTF-8 character split across tokens
+    comes out whole once its last byte arrives (byte-level BPE)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bytes = hasattr(tokenizer, "token_bytes")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def piece(self, token):
+        if self.bytes:
+            return self._utf8.decode(self.tokenizer.token_bytes(token))
+        return self.tokenizer.decode([token])

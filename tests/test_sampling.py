@@ -350,3 +350,38 @@ def test_beam_search_bad_arguments(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         beam_search(tiny_gpt(0), **args)
+
+
+def test_is_greedy_one_rule():
+    from gptcourse.sampling import is_greedy
+    assert is_greedy(0) and is_greedy(0.0, 0.9) and is_greedy(1e-6) and is_greedy(1.0, 0)
+    assert not is_greedy(1e-5) and not is_greedy(0.8) and not is_greedy(0.8, 0.5) and not is_greedy(1.0, None)
+    with pytest.raises(ValueError, match="-1"):
+        is_greedy(-1)
+    logits = torch.randn(3, 11)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, 1e-6, generator=g), logits.argmax(-1, keepdim=True))
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())   # no draw
+
+
+def test_end_of_turn_ids():
+    from gptcourse.sampling import end_of_turn_ids
+
+    class Tok:
+        special = {"<|im_end|>": 5, "<|endoftext|>": 7}
+    assert end_of_turn_ids(Tok()) == {5, 7}
+    assert end_of_turn_ids(object()) == set()
+
+
+def test_stop_matcher_and_text_decoder_live_in_sampling():
+    from gptcourse.sampling import StopMatcher, TextDecoder
+    m = StopMatcher(["\nUser:", "abab"])
+    assert m.feed("Hello\nUs") is None and m.held_back == 3
+    assert m.feed("er: hi") == (3, "\nUser:")
+    assert StopMatcher(["abab"]).feed("xababab") == (5, "abab")
+
+    class Tok:
+        def token_bytes(self, t):
+            return "é".encode()[t:t + 1]
+    d = TextDecoder(Tok())
+    assert d.piece(0) == "" and d.piece(1) == "é"
