@@ -13,7 +13,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama clean
+.PHONY: book test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama clean fork
 
 book: install assets
 	$(JB)
@@ -70,6 +70,13 @@ outputs: install
 
 clean:
 	rm -rf _build .jupyter_cache
+
+# Point the whole course (notebooks' install cells, Colab badges, _config.yml, README)
+# at a fork: make fork URL=https://github.com/you/your-fork  (scripts/set_repo_url.py;
+# only the notebooks' cell sources change, never their outputs or metadata)
+fork:
+	@test -n "$(URL)" || (echo "usage: make fork URL=https://github.com/<owner>/<name>" >&2; exit 2)
+	$(PYTHON) scripts/set_repo_url.py "$(URL)"
 
 # Speed, as ratios measured side by side in one run (not part of `make test`): the core,
 # cold vs warm `make book`, the chat server batched vs one request at a time (1, 4, 16
