@@ -81,11 +81,14 @@ fork:
 # Speed, as ratios measured side by side in one run (not part of `make test`): the core,
 # cold vs warm `make book`, the chat server batched vs one request at a time (1, 4, 16
 # clients), and the per-notebook times of the last `make test`.
+# The run is saved in benchmarks/results/ and the book's appendix "How fast, measured"
+# (chapters/appendix_how_fast.md) is rewritten from every saved run (benchmarks/write_appendix.py).
 # `make bench BENCH=--no-book` skips the cold and warm book builds (5-10 min of both cores);
 # BENCH=--no-serve skips the chat server (about 3 min).
 BENCH ?= --full
 bench: install assets
-	$(BIN)/python benchmarks/bench_all.py $(BENCH)
+	$(BIN)/python benchmarks/bench_all.py $(BENCH) --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py
 
 # What the pinned CPU settings cost: every chapter pinned and unpinned, side by side
 # (one per core), in the Colab simulation.

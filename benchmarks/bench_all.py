@@ -15,11 +15,18 @@ in one run on this machine and reported as a ratio, then summed up in one table.
    skips it);
 4. the test suite (benchmarks/suite_times.py): total and per-notebook time,
    slowest first, from the report the last `make test` wrote.
+
+With --save DIR (as `make bench` runs it) the run is also saved as
+DIR/<date>-bench-<host>.json, which benchmarks/write_appendix.py turns into
+the book's appendix "How fast, measured".
 """
 import argparse
+import datetime
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,6 +47,47 @@ def table(rows):
     return "\n".join(lines)
 
 
+def cpu_model():
+    """The CPU's name as Linux reports it (or the machine type elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def record(rows, host, args, serve_json=None, report=None):
+    """The run as benchmarks/write_appendix.py reads it: the summary table, the chat server's
+    table when it ran, the slowest notebooks of the last `make test` when there is a report."""
+    today = datetime.date.today().isoformat()
+    flags = " ".join([f"--device {args.device}"] * bool(args.device) + ["--full"] * args.full
+                     + ["--no-book"] * args.no_book + ["--no-serve"] * args.no_serve)
+    tables = [{"columns": ["measure", "A", "B", "B/A", "goal"],
+               "rows": [[r["measure"], r["a"], r["b"], "" if r["ratio"] is None else f"x{r['ratio']:.2f}",
+                         r["goal"]] for r in rows]}]
+    if serve_json and Path(serve_json).is_file():
+        levels = json.loads(Path(serve_json).read_text())
+        clients = sorted({int(k.split("|")[1]) for k in levels})
+        tables.append({"title": "The chat server, batched vs one request at a time (`benchmarks/bench_serve.py`):",
+                       "columns": ["clients", "batched tok/s", "one-at-a-time tok/s", "batched TTFT p50 (s)",
+                                   "one-at-a-time TTFT p50 (s)"],
+                       "rows": [[str(c), f"{levels[f'batched|{c}']['tok_s']:.1f}",
+                                 f"{levels[f'one at a time|{c}']['tok_s']:.1f}",
+                                 f"{levels[f'batched|{c}']['ttft_p50']:.2f}",
+                                 f"{levels[f'one at a time|{c}']['ttft_p50']:.2f}"] for c in clients]})
+    if report and Path(report).is_file():
+        r = suite_times.read(report)
+        tables.append({"title": f"The last `make test` ({r['when']}: {r['tests']} tests, {r['failed']} failed), "
+                                "its slowest notebooks:",
+                       "columns": ["notebook", "seconds"],
+                       "rows": [[name, f"{s:.1f}"] for name, s in r["notebooks"][:10]]})
+    return {"section": "bench", "date": today, "title": "`make bench`" + (f" ({flags})" if flags else ""),
+            "host": host, "command": f"`make bench BENCH=\"{flags}\"`" if flags else "`make bench BENCH=`",
+            "source": "`benchmarks/bench_all.py --save`, this run's printed summary", "tables": tables}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
@@ -47,10 +95,14 @@ if __name__ == "__main__":
     parser.add_argument("--no-book", action="store_true", help="skip the cold/warm book build")
     parser.add_argument("--no-serve", action="store_true", help="skip the chat server under load")
     parser.add_argument("--report", default=suite_times.REPORT, help="the test report to read")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="also save the run as DIR/<date>-bench-<host>.json (for write_appendix.py)")
     args = parser.parse_args()
     start = time.perf_counter()
-    print(f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")
+    host = (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"load average {os.getloadavg()[0]:.1f}")
+    print(host + "\n")
     rows = bench_core.run(pick_device(args.device), full=args.full)
     print()
     if not args.no_book:
@@ -64,3 +116,10 @@ if __name__ == "__main__":
           f"benchmarks took {time.perf_counter() - start:.0f} s, "
           f"load average now {os.getloadavg()[0]:.1f})\n")
     print(table(rows))
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        saved = record(rows, host, args, None if args.no_serve else bench_serve.ROOT / "_build" / "bench_serve.json",
+                       args.report)
+        out = args.save / f"{saved['date']}-bench-{platform.node() or 'host'}.json"
+        out.write_text(json.dumps(saved, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"\nsaved {out}")
