@@ -103,13 +103,13 @@ def test_a_url_colab_cannot_open_is_refused_by_name(url, tmp_path):
 
 
 def test_only_the_repository_itself_is_renamed():
-    rename = set_repo_url.replacer(("gptcourse", "gptcourse"), ("me", "fork"))
-    assert rename("pip install git+https://github.com/gptcourse/gptcourse") == "pip install git+https://github.com/me/fork"
-    assert rename("https://github.com/gptcourse/gptcourse.git") == "https://github.com/me/fork.git"
-    assert rename("https://colab.research.google.com/github/gptcourse/gptcourse/blob/main/x.ipynb") == (
+    rename = set_repo_url.replacer(("old", "course"), ("me", "fork"))
+    assert rename("pip install git+https://github.com/old/course") == "pip install git+https://github.com/me/fork"
+    assert rename("https://github.com/old/course.git") == "https://github.com/me/fork.git"
+    assert rename("https://colab.research.google.com/github/old/course/blob/main/x.ipynb") == (
         "https://colab.research.google.com/github/me/fork/blob/main/x.ipynb")
-    for other in ("https://github.com/gptcourse/gptcourse-data", "https://github.com/gptcourse/gptcourse.io",
-                  "https://example.com/gptcourse/gptcourse", "gptcourse/gptcourse"):
+    for other in ("https://github.com/old/course-data", "https://github.com/old/course.io",
+                  "https://example.com/old/course", "old/course"):
         assert rename(other) == other
 
 
