@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import set_repo_url  # noqa: E402
 
-FORK = "https://github.com/a-teacher/gpt-course-2027"
+# Written in two pieces, so that this file itself never names the fork (or the
+# course's own URL): running the script back must leave it as it is.
+FORK_PATH = "a-teacher/" + "gpt-course-2027"
+FORK = "https://github.com/" + FORK_PATH
 
 
 def git(*args, cwd):
@@ -63,7 +66,7 @@ def test_every_chapter_installs_from_the_fork_and_its_badge_opens_it(clone):
         first = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
         assert f'"git+{FORK}"' in "".join(first["source"]), path.name
     for path in chapters:
-        badge = f"(https://colab.research.google.com/github/a-teacher/gpt-course-2027/blob/main/chapters/{path.name})"
+        badge = f"(https://colab.research.google.com/github/{FORK_PATH}/blob/main/chapters/{path.name})"
         assert badge in readme, path.name
     # the book's own checks agree, run in the clone against its new _config.yml
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
@@ -82,7 +85,7 @@ def test_outputs_and_metadata_are_untouched_and_only_url_lines_changed(clone):
     added = [line for line in diff if line.startswith("+") and not line.startswith("+++")]
     removed = [line for line in diff if line.startswith("-") and not line.startswith("---")]
     assert len(added) == len(removed) > 0
-    assert all("a-teacher/gpt-course-2027" in line for line in added)
+    assert all(FORK_PATH in line for line in added)
     assert all(old[len("https://github.com/"):] in line for line in removed)
 
 
