@@ -31,12 +31,28 @@ def test_toc_follows_the_syllabus_plan():
         assert [c["file"] for c in part["chapters"]] == [f"chapters/{f}" for f in files], prefix
 
 
+def toc_entries(entries):
+    """Every entry of a toc list, its sections (the appendices') included."""
+    for entry in entries:
+        yield entry
+        yield from toc_entries(entry.get("sections", []))
+
+
 def test_every_toc_entry_is_exactly_one_page():
     for part in TOC["parts"]:
-        for chapter in part["chapters"]:
+        for chapter in toc_entries(part["chapters"]):
             found = [p for p in (ROOT / f"{chapter['file']}.ipynb", ROOT / f"{chapter['file']}.md")
                      if p.exists()]
             assert len(found) == 1, f"{chapter['file']}: expected one .ipynb or .md page, found {found}"
+
+
+def test_every_appendix_page_is_in_the_toc():
+    """The appendices (and the grading guide) are markdown pages beside the chapters;
+    the book builds only what _toc.yml lists."""
+    listed = {c["file"] for p in TOC["parts"] for c in toc_entries(p["chapters"])}
+    for page in sorted((ROOT / "chapters").glob("*.md")):
+        if not page.name[:2].isdigit():
+            assert f"chapters/{page.stem}" in listed, f"{page.name} is not in _toc.yml"
 
 
 def test_placeholders_say_they_are_planned():
