@@ -1,0 +1,280 @@
+"""The scheduler: continuous batching in a background thread (`Engine`), and
+a request inside it (`Sequence`).
+
+Every step is one forward pass over a ragged batch (gptcourse.serve.runner):
+decoding rows bring their newest token, prompts being read bring their next
+pieces, within a budget of max_step_tokens new tokens. Between two steps a
+finished sequence leaves and a waiting one joins. gptcourse.batching explains
+the idea and holds the forward steps; chapter 16 builds it by hand.
+
+The greedy tokens are those of one-at-a-time decoding (tests/test_batching.py
+checks it).
+"""
+import collections
+import threading
+
+import torch
+
+from ..sampling import sample_next
+from .output import TextOutput, logprob_entry
+from .params import SamplingParams, positive_int
+from .runner import make_batch
+
+
+class Sequence:
+    """A request being decoded: its prompt, its SamplingParams and its output.
+
+    Sequence(prompt_ids, max_tokens, on_event, params) or, as chapter 16
+    writes it, with the SamplingParams' fields as keywords:
+    Sequence(prompt, 16, on_event, temperature=0, stop_ids={END}).
+    cache_salt: prefix-cache entries are shared only with the same salt.
+
+    on_event(kind, data) is called from the engine's thread:
+      ("text", (piece, logprob_entries))  text that can be sent (may be "")
+      ("end", (finish_reason, completion_tokens))
+      ("error", message)
+    finish_reason: "stop" (end-of-turn token or stop string), "length".
+    """
+
+    def __init__(self, prompt_ids, max_tokens, on_event, *, params=None, cache_salt=None, **sampling):
+        if not prompt_ids:
+            raise ValueError("the prompt must have at least one token")
+        if params is not None and sampling:
+            raise ValueError(f"give params or sampling keywords, not both (got {sorted(sampling)})")
+        self.prompt_ids, self.on_event = list(prompt_ids), on_event
+        self.max_tokens = positive_int("max_tokens", max_tokens)
+        self.params = params if params is not None else SamplingParams(**sampling)
+        self.cache_salt = cache_salt
+        # set from another thread
+        self.cancelled = False          # the client left
+        # the engine's bookkeeping, set when the sequence is admitted
+        self.done = False
+        self.failed = False
+        self.admitted = None            # its place in the order of admission
+        self.todo = []                  # prompt tokens not read yet
+        self.cached_tokens = 0          # prompt tokens found in the prefix cache
+        self.generator = None           # its random numbers (None: greedy)
+        self.output = None              # a TextOutput: the text, stops, logprob entries
+        # what it generated
+        self.tokens = []                # every generated id
+        self.last = None                # the newest one: the next step's input
+        self.counts = None              # (V,) how often each token was generated, for the penalties
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous batching in a background thread.
+
+    submit(seq) queues a Sequence. Every step is planned within a budget of
+    max_step_tokens new tokens: each decoding sequence brings its newest
+    token, then the prompts being read bring their next pieces, in order of
+    arrival, then waiting sequences join (while fewer than max_batch are
+    active) with the first piece of their prompt. The step is one forward
+    pass; a prompt read to its end, and every decoding sequence, gets its
+    next token. A sequence leaves at its end, on cancel() (checked every
+    step), or on an error, which reaches only the sequences it concerns.
+    max_batch=1 decodes one request at a time, in arrival order.
+
+    A smaller budget keeps each step short (the tokens of the sequences
+    already answering keep coming while a long prompt is read); a larger
+    one reads more prompts per pass over the weights.
+
+    stats: steps; batch_tokens (tokens sampled by the steps: more than one
+    per step means sequences shared the passes); max_batch_seen (the most
+    sequences in one step); prefills (sequences admitted); prompt_tokens
+    (prompt tokens computed); reused_tokens (prompt tokens found in the
+    prefix cache instead).
+    """
+
+    def __init__(self, model, tokenizer, max_batch=16, max_length=2048, max_step_tokens=256,
+                 prefix_tokens=4096):
+        self.max_batch = positive_int("max_batch", max_batch)
+        self.max_step_tokens = positive_int("max_step_tokens", max_step_tokens)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch = make_batch(model, max_batch, max_length, prefix_tokens)
+        self.device = next(model.parameters()).device
+        self.active = []                # row r of the batch is active[r]
+        self.waiting = collections.deque()
+        self.cond = threading.Condition()
+        self.stats = dict(steps=0, batch_tokens=0, max_batch_seen=0, prefills=0, prompt_tokens=0,
+                          reused_tokens=0)
+        self._stopping = False
+        self._threads = torch.get_num_threads()      # a new thread starts with the default
+        self._thread = threading.Thread(target=self._run, name="gptcourse.serve.Engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq):
+        with self.cond:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            self.waiting.append(seq)
+            self.cond.notify()
+        return seq
+
+    def stop(self):
+        with self.cond:
+            self._stopping = True
+            self.cond.notify()
+        self._thread.join(timeout=30)
+        for seq in list(self.waiting) + self.active:
+            self._fail(seq, "the server is shutting down")
+
+    @property
+    def load(self):
+        """(active, waiting): sequences being decoded and queued."""
+        return len(self.active), len(self.waiting)
+
+    # ---- the loop, in the engine's thread ----------------------------------
+    def _run(self):
+        torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self._stopping and not self.waiting and not self.active:
+                        self.cond.wait()
+                    if self._stopping:
+                        return
+                self._drop_finished()
+                chunks = self._plan()
+                if any(chunks):
+                    self._step(chunks)
+
+    def _plan(self):
+        """This step's new tokens, one list per active row (admitting waiting sequences)."""
+        chunks = [[] if seq.todo else [seq.last] for seq in self.active]
+        budget = self.max_step_tokens - sum(map(len, chunks))
+        least = 1                                             # a prompt moves on every step
+        reading = sorted((seq.admitted, r) for r, seq in enumerate(self.active) if seq.todo)
+        for _, r in reading:                                  # prompts being read, oldest first
+            chunks[r] = self.active[r].todo[:max(budget, least)]
+            budget -= len(chunks[r])
+            least = 0
+        while budget > 0 and len(self.active) < self.max_batch:
+            with self.cond:
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+            if self._admit(seq):
+                chunks.append(seq.todo[:budget])
+                budget -= len(chunks[-1])
+        return chunks
+
+    def _admit(self, seq):
+        """Give seq the next free row; its todo: the prompt tokens to read."""
+        if seq.cancelled:
+            seq.done = True
+            return False
+        try:
+            row = len(self.active)
+            seq.todo, seq.cached_tokens = self.batch.start(row, seq.prompt_ids, seq.cache_salt)
+            seq.admitted = self.stats["prefills"]
+            self.stats["prefills"] += 1
+            self.stats["reused_tokens"] += seq.cached_tokens
+            self.stats["prompt_tokens"] += len(seq.prompt_ids) - seq.cached_tokens
+            if not seq.params.greedy:
+                seed = seq.params.seed
+                seed = seed if seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+                seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            seq.output = TextOutput(self.tokenizer, seq.params.stop, seq.on_event)
+        except Exception as e:                        # noqa: BLE001 -- one request's failure
+            self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+            return False
+        self.active.append(seq)
+        return True
+
+    def _step(self, chunks):
+        try:
+            logits = self.batch.step(chunks)                                       # (n, V)
+        except Exception as e:                        # noqa: BLE001 -- fails this batch only
+            for seq in self.active:
+                self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+            return
+        self.stats["steps"] += 1
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], sum(1 for c in chunks if c))
+        for row, (seq, chunk) in enumerate(zip(self.active, chunks)):
+            if not chunk:
+                continue
+            try:
+                if seq.todo:                                   # a piece of the prompt was read
+                    seq.todo = seq.todo[len(chunk):]
+                    if seq.todo:
+                        continue
+                    self.batch.remember(row, seq.prompt_ids, seq.cache_salt)   # the whole prompt is in the row
+                self.stats["batch_tokens"] += 1
+                self._take(seq, logits[row])
+            except Exception as e:                    # noqa: BLE001
+                self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+
+    def _drop_finished(self):
+        """Remove finished and cancelled rows (their conversations go to the prefix
+        cache), moving the last row into each gap."""
+        r = 0
+        while r < len(self.active):
+            seq = self.active[r]
+            if seq.done or seq.cancelled:
+                if not seq.failed and not seq.todo:
+                    ids = (seq.prompt_ids + seq.tokens)[:-1]
+                    try:
+                        self.batch.remember(r, ids, seq.cache_salt)   # the prompt and the answer but its last token
+                    except Exception:                   # noqa: BLE001 -- a cache miss later, no more
+                        pass
+                seq.done = True
+                last = len(self.active) - 1
+                self.batch.move(last, r)
+                self.active[r] = self.active[last]
+                self.active.pop()
+            else:
+                r += 1
+
+    def _fail(self, seq, message):
+        seq.failed = True
+        if not seq.done:
+            seq.done = True
+            seq.on_event("error", message)
+
+    # ---- one token for one sequence ----------------------------------------
+    def _scores(self, seq, logits):
+        """logits (V,) -> the scores sampled from: the request's logit_bias added, its
+        presence and frequency penalties subtracted."""
+        p = seq.params
+        if not p.reshapes_scores:
+            return logits
+        scores = logits.clone()
+        for token, bias in p.logit_bias.items():
+            scores[token] += bias
+        if seq.tokens and (p.presence_penalty or p.frequency_penalty):
+            if seq.counts is None or len(seq.counts) != scores.shape[0]:
+                seq.counts = torch.bincount(torch.tensor(seq.tokens), minlength=scores.shape[0])
+            counts = seq.counts.to(scores.device, scores.dtype)
+            scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return scores
+
+    def _pick(self, seq, logits):
+        """logits (V,) float32 -> the next token id, with the request's settings."""
+        scores = self._scores(seq, logits)
+        if not torch.isfinite(scores).any() or torch.isnan(scores).any():
+            raise FloatingPointError("the model's scores are not finite numbers")
+        if seq.params.greedy:
+            return int(scores.argmax())
+        return int(sample_next(scores[None], seq.params.temperature, None, seq.params.nucleus, seq.generator))
+
+    def _take(self, seq, logits):
+        token = self._pick(seq, logits)
+        seq.tokens.append(token)
+        seq.last = token
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        p = seq.params
+        if token in p.stop_ids:                                      # the model ended its turn
+            seq.output.end()
+            return self._end(seq, "stop")
+        entry = logprob_entry(self.tokenizer, logits, token, p.top_logprobs) if p.logprobs else None
+        reason = seq.output.add(token, entry, last=len(seq.tokens) >= seq.max_tokens)
+        if reason is not None:
+            self._end(seq, reason)
+
+    def _end(self, seq, reason):
+        seq.done = True
+        seq.on_event("end", (reason, len(seq.tokens)))

@@ -1,0 +1,208 @@
+"""From a checked request to what the engine decodes: a `PreparedRequest`.
+
+The messages are written in the model's template (ChatML for SmolLM2, the
+"User: ... / Assistant:" transcript of gptcourse.chat.format_chat for the
+course's GPT), the tools offered in the system message as ChatML models
+(Qwen, Hermes) expect them, and the request's knobs become SamplingParams.
+What depends on the served model (its vocabulary, its context, the
+server's cap on max_tokens) is checked here; what does not is checked by
+the pydantic models (gptcourse.serve.protocol).
+"""
+import json
+from dataclasses import dataclass, field
+from typing import FrozenSet, List, Optional
+
+from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat
+from ..sampling import end_of_turn_ids
+from .params import SamplingParams
+from .protocol import APIError, NamedToolChoice
+
+# The course GPT's transcript: a new turn starts with a newline and a role name.
+TURN_STOPS = tuple(f"\n{name}:" for name in ROLE_NAMES.values())
+
+TOOLS_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n"
+    "</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+
+
+@dataclass
+class PreparedRequest:
+    """A request, ready for the engine and for writing the answer.
+
+    prompt_ids: the prompt's tokens; max_tokens: the most tokens of the
+    answer; sampling: the SamplingParams; cache_salt: the request's prefix-
+    cache salt; prefill: the start of a tool call the server wrote for the
+    model (tool_choice "required" or named), "" otherwise; tool_names: the
+    tools offered; named: the tool a named tool_choice calls, else None;
+    include_usage: a last streamed chunk with the usage.
+
+    Chapter 17 reads it as the dict it used to be: job["prefill"] is job.prefill.
+    """
+    prompt_ids: List[int]
+    max_tokens: int
+    sampling: SamplingParams
+    cache_salt: Optional[str] = None
+    prefill: str = ""
+    tool_names: FrozenSet[str] = field(default_factory=frozenset)
+    named: Optional[str] = None
+    include_usage: bool = False
+
+    @property
+    def logprobs(self):
+        return self.sampling.logprobs
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+
+def _text(content):
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text or "" for part in content)
+
+
+def _with_calls(content, tool_calls):
+    """An assistant turn's calls written out as <tool_call>{json}</tool_call> after its content."""
+    calls = []
+    for call in tool_calls:
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:
+            arguments = call.function.arguments
+        calls.append("<tool_call>\n" + json.dumps({"name": call.function.name, "arguments": arguments},
+                                                  ensure_ascii=False) + "\n</tool_call>")
+    return "\n".join(([content] if content else []) + calls)
+
+
+def chat_messages(req, default_system=SMOLLM2_SYSTEM):
+    """The request's messages as plain {"role", "content"} dicts in system/user/assistant,
+    the tool conventions of ChatML models (Qwen, Hermes) written out as text:
+    the tool list in the system message, calls as <tool_call>{json}</tool_call>,
+    results as a user turn <tool_response>...</tool_response>."""
+    out = []
+    for m in req.messages:
+        role, content = m.role, _text(m.content)
+        if role == "developer":                           # OpenAI's newer name for system
+            role = "system"
+        elif role == "tool":
+            role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
+        elif role == "assistant" and m.tool_calls:
+            content = _with_calls(content, m.tool_calls)
+        out.append({"role": role, "content": content})
+    tools = offered_tools(req)
+    if tools:
+        listing = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False)
+                            for t in tools)
+        if out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + TOOLS_PROMPT.format(tools=listing)}
+        else:
+            out.insert(0, {"role": "system",
+                           "content": (default_system or "") + TOOLS_PROMPT.format(tools=listing)})
+    return out
+
+
+def offered_tools(req):
+    """The tools the model may call: none with tool_choice "none", the named one if named."""
+    if not req.tools or req.tool_choice == "none":
+        return []
+    if isinstance(req.tool_choice, NamedToolChoice):
+        chosen = [t for t in req.tools if t.function.name == req.tool_choice.function.name]
+        if not chosen:
+            raise APIError(400, f"tool_choice names {req.tool_choice.function.name!r}, which is not "
+                                f"in tools", param="tool_choice")
+        return chosen
+    return req.tools
+
+
+def tool_prefill(req):
+    """What the assistant's answer is made to start with when a call is required."""
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return '<tool_call>\n{"name": ' + json.dumps(req.tool_choice.function.name) + ', "arguments": '
+    if req.tool_choice == "required":
+        return "<tool_call>\n"
+    return ""
+
+
+def _transcript_ids(messages, tokenizer, prefill):
+    """The course GPT's prompt: one line per message (a newline inside a message
+    would start a new line, "\\nUser:" a forged turn; a space keeps every length,
+    1 character = 1 token); characters outside its vocabulary are refused."""
+    flat = [{"role": m["role"], "content": m["content"].replace("\n", " ").replace("\r", " ")}
+            for m in messages]
+    for i, m in enumerate(flat):
+        try:
+            tokenizer.encode(m["content"])
+        except ValueError as e:
+            raise APIError(400, f"messages[{i}].content: {e}; this model reads only the characters "
+                                f"it was trained on", param=f"messages[{i}].content",
+                           code="unsupported_character") from None
+    return tokenizer.encode(format_chat(flat) + (" " + prefill if prefill else ""))
+
+
+def completion_budget(req, n_prompt, cap, default, max_context=None):
+    """The most tokens of the answer: the request's max_completion_tokens or
+    max_tokens (at most `cap`), else `default`; with a max_context (the real
+    model) the prompt and the answer must fit it."""
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens > cap:
+        raise APIError(400, f"{name} must be at most {cap} on this server, got {max_tokens}",
+                       param=name, code="invalid_value")
+    if max_context is not None:
+        room = max_context - n_prompt
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise APIError(400, f"This model's maximum context length is {max_context} tokens. "
+                                f"However, you requested {n_prompt + (max_tokens or 1)} tokens "
+                                f"({n_prompt} in the messages, {max_tokens or 1} in the completion).",
+                           param="messages", code="context_length_exceeded")
+        max_tokens = max_tokens or min(default, room)
+    return max_tokens or default
+
+
+def token_bias(logit_bias, vocab_size):
+    """The request's logit_bias as {token id: bias}, each id below vocab_size."""
+    bias = {}
+    for key, value in (logit_bias or {}).items():
+        if int(key) >= vocab_size:
+            raise APIError(400, f"logit_bias: token id {key} is not below the vocabulary size "
+                                f"{vocab_size}", param="logit_bias", code="invalid_value")
+        bias[int(key)] = float(value)
+    return bias
+
+
+def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_tokens, max_context):
+    """A checked ChatCompletionRequest -> PreparedRequest, or APIError(400).
+
+    chatml: the real model (its template, ended by its end-of-turn tokens,
+    within max_context tokens); else the course GPT's transcript, ended where
+    a new turn starts (TURN_STOPS), its window sliding over any length."""
+    messages = chat_messages(req, default_system if chatml else None)
+    tools = offered_tools(req)
+    prefill = tool_prefill(req) if tools else ""
+    if chatml:
+        prompt_ids = encode_chatml(messages, tokenizer, default_system=default_system)
+        prompt_ids += tokenizer.encode(prefill, allow_special=False) if prefill else []
+        stop_ids, stops = end_of_turn_ids(tokenizer), ()                # <|im_end|>, <|endoftext|>, ...
+    else:
+        prompt_ids, stop_ids, stops = _transcript_ids(messages, tokenizer, prefill), (), TURN_STOPS
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    max_tokens = completion_budget(req, len(prompt_ids), max_tokens_cap, default_max_tokens,
+                                   max_context if chatml else None)
+    sampling = SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=tuple(stops) + tuple(stop) + (("</tool_call>",) if prefill else ()), stop_ids=stop_ids,
+        seed=None if req.seed is None else req.seed % 2 ** 64,
+        logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=token_bias(req.logit_bias, tokenizer.vocab_size))
+    named = req.tool_choice.function.name if prefill and isinstance(req.tool_choice, NamedToolChoice) else None
+    return PreparedRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
+                           cache_salt=req.cache_salt, prefill=prefill,
+                           tool_names=frozenset(t.function.name for t in tools), named=named,
+                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
