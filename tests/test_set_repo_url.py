@@ -30,8 +30,10 @@ def clone(tmp_path_factory):
     git("clone", "--quiet", "--depth", "1", f"file://{ROOT}", str(where), cwd=ROOT)
     old = set_repo_url.current_url(where)
     notebooks = {p: p.read_text(encoding="utf-8") for p in where.rglob("*.ipynb")}
-    run = fork(FORK + ".git/", where)
-    assert run.returncode == 0, run.stderr
+    # as an instructor runs it: `make fork URL=...` in the clone (its own Makefile and script)
+    run = subprocess.run(["make", "-s", "fork", f"URL={FORK}.git/", f"PYTHON={sys.executable}"], cwd=where,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
     return where, old, notebooks, run.stdout
 
 
