@@ -130,7 +130,7 @@ def llama_step(model, chunks, cache):
     one-token rows together (one query each, a padding mask over the keys),
     each longer chunk alone (causal, shifted by the row's past).
     """
-    from .llama import apply_rope, rope_angles
+    from .llama import rope_angles
     n = len(chunks)
     if not 1 <= n <= cache.rows:
         raise ValueError(f"need chunks for 1 .. {cache.rows} rows, got {n}")
@@ -139,8 +139,6 @@ def llama_step(model, chunks, cache):
     if N == 0:
         raise ValueError("the step has no tokens: every chunk is empty")
     config, device = model.config, cache.lengths.device
-    H, H_kv, d = config.n_head, config.n_kv_head, config.head_size
-    group = H // H_kv
     sizes_t = torch.tensor(sizes, device=device)
     starts = cache.lengths[:n].clone()                                             # (n,) each row's past
     ends = starts + sizes_t                                                        # (n,)
@@ -148,60 +146,84 @@ def llama_step(model, chunks, cache):
     first = torch.cumsum(sizes_t, 0) - sizes_t                                     # (n,) row r's first token in x
     row_of = torch.repeat_interleave(torch.arange(n, device=device), sizes_t)      # (N,)
     positions = starts[row_of] + torch.arange(N, device=device) - first[row_of]    # (N,)
-    angles = rope_angles(positions, d, config.rope_base)                          # (N, d/2)
-
-    singles = [r for r in range(n) if sizes[r] == 1]                               # decoding rows
-    longs = []                                                                     # pieces of prompts
-    for r in range(n):
-        if sizes[r] > 1:
-            past, size = int(starts[r]), sizes[r]
-            # causal after the row's `past` cached positions; the same rows for each
-            # query head of a group (they are folded into the query axis below)
-            mask = (torch.arange(past + size, device=device)[None, :]
-                    <= past + torch.arange(size, device=device)[:, None])          # (size, past + size)
-            longs.append((r, int(first[r]), size, past, mask.repeat(group, 1)))
-    if singles:
-        s_rows = torch.tensor(singles, device=device)
-        s_tok = first[s_rows]                                                      # their token in x
-        T_s = int(ends[s_rows].max())
-        keys = torch.arange(T_s, device=device)
-        see = torch.ones(n, dtype=torch.long, device=device)                       # other rows: key 0 only
-        see[s_rows] = ends[s_rows]
-        s_mask = (keys[None, :] < see[:, None])[:, None, None, :]                  # (n, 1, 1, T_s)
+    angles = rope_angles(positions, config.head_size, config.rope_base)           # (N, d/2)
+    plan = _attention_plan(sizes, starts, ends, first, config.n_head // config.n_kv_head)
 
     x = model.wte(torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=device))   # (N, C)
     for i, block in enumerate(model.blocks):
-        attn = block.attn
-        h = block.rms_1(x)
-        q = apply_rope(attn.w_q(h).view(N, H, d).transpose(0, 1), angles)          # (H, N, d)
-        k = apply_rope(attn.w_k(h).view(N, H_kv, d).transpose(0, 1), angles)       # (H_kv, N, d)
-        v = attn.w_v(h).view(N, H_kv, d)                                           # (N, H_kv, d)
-        cache.k[i][row_of, :, positions] = k.transpose(0, 1)                       # token j at its row, position
-        cache.v[i][row_of, :, positions] = v
-        out = q.new_empty(H, N, d)
-        if singles:
-            # every row of the cache's first n as a batch, one query each (rows not
-            # decoding get a dummy query whose answer is dropped): a view, no copy.
-            # Query head h reads key/value head h // group: fold each group's
-            # queries into the query axis instead of repeating K and V.
-            q1 = q.new_zeros(n, H, d)
-            q1[s_rows] = q[:, s_tok].transpose(0, 1)
-            K, V = cache.k[i][:n, :, :T_s], cache.v[i][:n, :, :T_s]                # (n, H_kv, T_s, d)
-            o1 = F.scaled_dot_product_attention(q1.view(n, H_kv, group, d), K, V, attn_mask=s_mask)
-            out[:, s_tok] = o1.reshape(n, H, d)[s_rows].transpose(0, 1)
-        for r, at, size, past, mask in longs:
-            qr = q[:, at:at + size].reshape(H_kv, group * size, d)                 # (H_kv, group*size, d)
-            K, V = cache.k[i][r, :, :past + size], cache.v[i][r, :, :past + size]  # (H_kv, T_k, d)
-            o = F.scaled_dot_product_attention(qr, K, V, attn_mask=mask)
-            out[:, at:at + size] = o.view(H, size, d)
-        x = x + attn.w_o(out.transpose(0, 1).reshape(N, H * d))
-        x = x + block.mlp(block.rms_2(x))
+        x = _ragged_block(block, config, x, angles, cache.k[i], cache.v[i], row_of, positions, plan)
     cache.lengths[:n] = ends
     logits = x.new_zeros(n, config.vocab_size, dtype=torch.float32)
     has = torch.tensor([r for r in range(n) if sizes[r]], device=device)
     last = first[has] + sizes_t[has] - 1                                           # each row's last token
     logits[has] = model.lm_head(model.rms_f(x[last])).float()                      # (n, V)
     return logits
+
+
+def _attention_plan(sizes, starts, ends, first, group):
+    """Who attends to what in one ragged step, the same for every layer.
+
+    singles: None, or (s_rows, s_tok, T_s, s_mask) for the decoding rows (one
+    token each): their rows, their token in x, the keys to read, and a
+    padding mask (n, 1, 1, T_s) over them. longs: (r, at, size, past, mask)
+    for each row with a longer chunk: causal after the row's `past` cached
+    positions, the mask repeated for the `group` query heads of a key/value
+    head (they are folded into the query axis).
+    """
+    n, device = len(sizes), starts.device
+    longs = []                                                                     # pieces of prompts
+    for r in range(n):
+        if sizes[r] > 1:
+            past, size = int(starts[r]), sizes[r]
+            mask = (torch.arange(past + size, device=device)[None, :]
+                    <= past + torch.arange(size, device=device)[:, None])          # (size, past + size)
+            longs.append((r, int(first[r]), size, past, mask.repeat(group, 1)))
+    singles = [r for r in range(n) if sizes[r] == 1]                               # decoding rows
+    if not singles:
+        return None, longs
+    s_rows = torch.tensor(singles, device=device)
+    T_s = int(ends[s_rows].max())
+    keys = torch.arange(T_s, device=device)
+    see = torch.ones(n, dtype=torch.long, device=device)                           # other rows: key 0 only
+    see[s_rows] = ends[s_rows]
+    s_mask = (keys[None, :] < see[:, None])[:, None, None, :]                      # (n, 1, 1, T_s)
+    return (s_rows, first[s_rows], T_s, s_mask), longs
+
+
+def _ragged_block(block, config, x, angles, k_cache, v_cache, row_of, positions, plan):
+    """One transformer block of llama_step: x (N, C) -> (N, C); the new keys and
+    values go to their rows and positions of k_cache, v_cache (rows, H_kv, T, d)."""
+    from .llama import apply_rope
+    N, (singles, longs) = x.shape[0], plan
+    H, H_kv, d = config.n_head, config.n_kv_head, config.head_size
+    group = H // H_kv
+    attn = block.attn
+    h = block.rms_1(x)
+    q = apply_rope(attn.w_q(h).view(N, H, d).transpose(0, 1), angles)              # (H, N, d)
+    k = apply_rope(attn.w_k(h).view(N, H_kv, d).transpose(0, 1), angles)           # (H_kv, N, d)
+    v = attn.w_v(h).view(N, H_kv, d)                                               # (N, H_kv, d)
+    k_cache[row_of, :, positions] = k.transpose(0, 1)                              # token j at its row, position
+    v_cache[row_of, :, positions] = v
+    out = q.new_empty(H, N, d)
+    if singles:
+        # every row of the cache's first n as a batch, one query each (rows not
+        # decoding get a dummy query whose answer is dropped): a view, no copy.
+        # Query head h reads key/value head h // group: fold each group's
+        # queries into the query axis instead of repeating K and V.
+        s_rows, s_tok, T_s, s_mask = singles
+        n = s_mask.shape[0]
+        q1 = q.new_zeros(n, H, d)
+        q1[s_rows] = q[:, s_tok].transpose(0, 1)
+        K, V = k_cache[:n, :, :T_s], v_cache[:n, :, :T_s]                          # (n, H_kv, T_s, d)
+        o1 = F.scaled_dot_product_attention(q1.view(n, H_kv, group, d), K, V, attn_mask=s_mask)
+        out[:, s_tok] = o1.reshape(n, H, d)[s_rows].transpose(0, 1)
+    for r, at, size, past, mask in longs:
+        qr = q[:, at:at + size].reshape(H_kv, group * size, d)                     # (H_kv, group*size, d)
+        K, V = k_cache[r, :, :past + size], v_cache[r, :, :past + size]            # (H_kv, T_k, d)
+        o = F.scaled_dot_product_attention(qr, K, V, attn_mask=mask)
+        out[:, at:at + size] = o.view(H, size, d)
+    x = x + attn.w_o(out.transpose(0, 1).reshape(N, H * d))
+    return x + block.mlp(block.rms_2(x))
 
 
 @torch.no_grad()
