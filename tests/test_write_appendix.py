@@ -3,6 +3,7 @@ saved measurements, each with its date, host, command and source, newest first;
 `make bench`'s saved run (bench_all.record) is one of them; the page in the
 book is what the saved measurements give."""
 import argparse
+import datetime
 import json
 import subprocess
 import sys
@@ -57,16 +58,47 @@ def test_make_bench_saves_a_run_the_writer_reads(tmp_path):
             {"measure": "full reference run, 2000 steps", "a": "62 s", "b": "val loss 1.43", "ratio": None,
              "goal": "ref. 1.46 @ 2000"}]
     serve = tmp_path / "bench_serve.json"
-    serve.write_text(json.dumps({f"{mode}|{c}": {"tok_s": 10.0 * c, "ttft_p50": 0.1}
+    serve.write_text(json.dumps({f"{mode}|{c}": {"tok_s": 10.0 * c, "ttft_p50": 0.1, "ttft_p95": 0.2,
+                                                 "lat_p50": 1.0, "lat_p95": 2.0}
                                  for mode in ("batched", "one at a time") for c in (1, 16)}))
     args = argparse.Namespace(device=None, full=True, no_book=True, no_serve=False)
-    (tmp_path / "results").mkdir()
     saved = bench_all.record(rows, "host: a CPU, 2 cores", args, serve, tmp_path / "no-report.xml")
-    (tmp_path / "results" / "run.json").write_text(json.dumps(saved))
+    path = write_appendix.save(saved, tmp_path / "results")
+    assert path.name.startswith(f"{datetime.date.today().isoformat()}-bench-")
     page = write_appendix.render(write_appendix.load(tmp_path / "results"))
     assert '`make bench BENCH="--full --no-book"`' in page and "host: a CPU, 2 cores" in page
     assert "| training step, fused vs explicit | fused 32 ms | explicit 36.6 ms | x1.14 |  |" in page
-    assert "| 16 | 160.0 | 160.0 | 0.10 | 0.10 |" in page
+    assert "| 16 | 160.0 | 160.0 | 1.00 / 2.00 | 1.00 / 2.00 | 0.10 / 0.20 | 0.10 / 0.20 |" in page
+
+
+def test_each_bench_target_saves_its_table(tmp_path, monkeypatch):
+    """bench-grading, bench-llama and bench-pinning with --save, their measuring faked."""
+    bench_grading = pytest.importorskip("bench_grading")
+    monkeypatch.setattr(bench_grading, "time_one", lambda path, sandbox: 1.0 if sandbox else 0.5)
+    monkeypatch.setattr(sys, "argv", ["bench_grading.py", "--repeat", "1", "--save", str(tmp_path)])
+    bench_grading.main()
+
+    import bench_llama
+    fake = {"load_s": 4.0, "tok_per_s": 15.0, "peak_mb": 1000.0, "tokens": [1, 2]}
+    monkeypatch.setattr(bench_llama.subprocess, "run", lambda *a, **k: argparse.Namespace(stdout=json.dumps(fake)))
+    monkeypatch.setattr(sys, "argv", ["bench_llama.py", "--repeats", "1", "--save", str(tmp_path)])
+    bench_llama.main()
+
+    import bench_pinning
+
+    class Simulation:
+        def __init__(self, work):
+            pass
+
+        def run(self, nb, timeout, pinned):
+            return {"setup_s": 1.0, "nbval_s": 9.0 if pinned else 10.0, "returncode": 0}
+    monkeypatch.setattr(bench_pinning.colab_sim, "Simulation", Simulation)
+    bench_pinning.main(["chapters/03_scaled_dot_product_attention.ipynb", "--save", str(tmp_path)])
+
+    page = write_appendix.render(write_appendix.load(tmp_path))
+    assert "| 03_scaled_dot_product_attention | 1.00 | 0.50 | 2.00 |" in page and "| total | " in page
+    assert "| 2 | transformers | 4.0 s | 15.0 | 1000 MB |" in page and "the same 64 tokens: yes" in page
+    assert "| 03 | 11.0 s | 10.0 s | 0.91 | match |" in page and "`make bench-pinning`" in page
 
 
 def test_the_book_page_is_what_the_saved_measurements_give():
