@@ -1,4 +1,5 @@
-"""gptcourse.batching: batched decoding gives one-at-a-time decoding's tokens.
+"""gptcourse.batching and the engine on it (gptcourse.serve.engine): batched
+decoding gives one-at-a-time decoding's tokens.
 
 The references: each model's own forward pass on one sequence (with its
 KVCache for the Llama), model.generate one prompt at a time, and a naive
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from gptcourse.attention import KVCache
-from gptcourse.batching import (Engine, LlamaBatch, PrefixCache, RaggedKVCache, Sequence, StopMatcher, llama_step,
-                                window_step)
+from gptcourse.batching import PrefixCache, RaggedKVCache, llama_step, window_step
 from gptcourse.gpt import GPT, GPTConfig
 from gptcourse.llama import Llama, LlamaConfig
+from gptcourse.sampling import StopMatcher
+from gptcourse.serve import Engine, LlamaBatch, Sequence
 
 
 @pytest.fixture(scope="module")

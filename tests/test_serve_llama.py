@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from gptcourse import llama
-from gptcourse.batching import Engine, Sequence
 from gptcourse.chat import encode_chatml, format_chatml, reply
-from gptcourse.serve import serve
+from gptcourse.serve import Engine, Sequence, serve
 
 try:
     llama.smollm2_path()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 MAX_STOP_STRINGS = 4          # OpenAI's limits on `stop`
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300
+SWITCHED_BY = {"top_logprobs": "logprobs", "stream_options": "stream"}   # fields that need another's true
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
@@ -172,11 +173,12 @@ class ChatCompletionRequest(_Strict):
                                       description="vLLM's extension: the prefix cache is shared only "
                                                   "between requests with the same salt")
 
-    @field_validator("stream_options")
+    @field_validator(*SWITCHED_BY)
     @classmethod
-    def _only_when_streaming(cls, value, info: ValidationInfo):
-        if value is not None and "stream" in info.data and not info.data["stream"]:
-            raise ValueError("stream_options needs stream: true")
+    def _needs_its_switch(cls, value, info: ValidationInfo):
+        switch = SWITCHED_BY[info.field_name]
+        if value and switch in info.data and not info.data[switch]:
+            raise ValueError(f"{info.field_name} needs {switch}: true")
         return value
 
     @field_validator("stop")
@@ -190,13 +192,6 @@ class ChatCompletionRequest(_Strict):
                 if not 1 <= len(s) <= MAX_STOP_CHARS:
                     raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, "
                                      f"got {len(s)}")
-        return value
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _only_with_logprobs(cls, value, info: ValidationInfo):
-        if value and "logprobs" in info.data and not info.data["logprobs"]:
-            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
     @field_validator("logit_bias")
