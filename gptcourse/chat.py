@@ -27,6 +27,8 @@ and wilson_interval.
 
 import torch
 
+from .sampling import TextDecoder, end_of_turn_ids
+
 ROLES = ("system", "user", "assistant")
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -295,26 +297,23 @@ def reply(model, tokenizer, messages, max_new_tokens=128, temperature=0.0, top_k
     """The assistant's answer to `messages` from a ChatML model (e.g. gptcourse.llama.load_gguf()).
 
     Encodes the transcript with encode_chatml (no special token from the
-    messages' text), generates with the KV cache
-    until the model writes <|im_end|> (its end-of-turn token) or
+    messages' text), generates with the KV cache (model.stream) until the
+    model writes an end-of-turn token (gptcourse.sampling.end_of_turn_ids:
+    any special token, <|im_end|> first of all, as the server stops) or
     max_new_tokens, and returns the answer's text. on_text(piece) is called
     with each new piece of text as it is generated (streaming); a piece is
-    passed on only once its UTF-8 bytes are complete.
+    passed on only once its UTF-8 bytes are complete (TextDecoder).
     """
     device = next(model.parameters()).device
     idx = torch.tensor([encode_chatml(messages, tokenizer, True, default_system)], device=device)
-    end = tokenizer.special.get("<|im_end|>")
-    ids, shown = [], ""
+    end, text, pieces = end_of_turn_ids(tokenizer), TextDecoder(tokenizer), []
     for next_id in model.stream(idx, max_new_tokens, temperature, top_k, top_p, generator=generator):
-        token = int(next_id[0, 0])
-        if token == end:
+        if int(next_id[0, 0]) in end:
             break
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if on_text is not None and not text.endswith("\ufffd"):
-            on_text(text[len(shown):])
-            shown = text
-    return tokenizer.decode(ids)
+        pieces.append(text.piece(int(next_id[0, 0])))
+        if on_text is not None and pieces[-1]:
+            on_text(pieces[-1])
+    return "".join(pieces) + text.rest()
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .attention import KVCache, MultiHeadAttention
 from .positional import LearnedPositionalEmbedding
-from .sampling import sample_next
+from .sampling import decode, evaluating, model_step
 
 
 @dataclass(frozen=True)
@@ -205,46 +205,19 @@ class GPT(nn.Module):
         temperature=0 is greedy decoding. The steps are those of `stream`.
         """
         steps = self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
-        was_training = self.training
-        self.eval()
-        try:
-            for next_id in steps:
-                idx = torch.cat([idx, next_id], dim=1)
-        finally:
-            self.train(was_training)
-        return idx
+        with evaluating(self):
+            return torch.cat([idx, *steps], dim=1)
 
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True, generator=None):
         """The decoding loop of `generate`, one step at a time: an iterator over
         the (B, 1) ids of each new token (for streaming, or stopping early).
-        The model should be in eval mode (generate sets it)."""
+        The model should be in eval mode (generate sets it). The loop is
+        gptcourse.sampling.decode; model_step runs the model with its KV cache."""
         if not self.config.causal:
             raise ValueError("generate needs a causal model (GPTConfig(causal=True)); a bidirectional "
                              "model fills in blanks instead: see gptcourse.bert.fill_in")
-        if idx.dim() != 2 or idx.shape[1] < 1:
-            raise ValueError(f"idx must be a (B, T) tensor with T >= 1, got {tuple(idx.shape)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        return self._decode(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
-
-    @torch.no_grad()
-    def _decode(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
-        block_size = self.config.block_size
-        length = idx.shape[1]                          # the whole sequence so far
-        window = idx[:, -block_size:]                  # what the model can see
-        caches, step_input = None, window
-        for _ in range(max_new_tokens):
-            if use_cache and length <= block_size:
-                if caches is None:                     # first step: fill the cache with the prompt
-                    caches = [KVCache() for _ in self.blocks]
-                logits, _ = self(step_input, caches=caches)
-            else:                                      # recompute the whole (cropped) context
-                logits, _ = self(window)
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            window = torch.cat([window, next_id], dim=1)[:, -block_size:]
-            step_input, length = next_id, length + 1
-            yield next_id
+        return decode(model_step(self, use_cache), idx, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 # ----------------------------------------------------------------------------

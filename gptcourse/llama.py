@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .attention import causal_mask, scaled_dot_product_attention
 from .gpt import GPT, check_forward_inputs
+from .sampling import decode, model_step
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class LlamaConfig:
     rope_base: float = 100000.0
     block_size: int = 8192       # context length
     tied: bool = True            # output layer = token embedding
-    causal: bool = True          # (always; GPT.stream checks it)
+    causal: bool = True          # always: for code that takes any model's config (the server)
+                                 # and asks, as GPTConfig.causal (a GPT can be a BERT)
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size"):
@@ -62,7 +64,7 @@ class LlamaConfig:
         if self.head_size % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
         if not self.causal:
-            raise ValueError("a Llama decoder is causal")
+            raise ValueError("a Llama decoder is causal: LlamaConfig.causal must be True")
 
     @property
     def head_size(self):
@@ -274,10 +276,14 @@ class Llama(nn.Module):
         c = self.config
         return 2 * c.n_layer * c.n_kv_head * c.head_size * self.wte.weight.element_size()
 
-    # The decoding loop is GPT's, unchanged: only the model inside differs.
+    # Decoding is chapter 11's: GPT.generate, which runs self.stream.
     generate = GPT.generate
-    stream = GPT.stream
-    _decode = GPT._decode
+
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True, generator=None):
+        """An iterator over the (B, 1) ids of each new token: GPT.stream's loop
+        (gptcourse.sampling.decode), here with rotary positions in the KV cache."""
+        return decode(model_step(self, use_cache), idx, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Turning next-token logits into a token: greedy, temperature, top-k, top-p;
-and beam search, which looks for the most likely whole continuation.
-Also what every decoding loop of the course shares: the one greedy rule
+the decoding loop every model of the course uses (decode, with a KV cache:
+model_step); and beam search, which looks for the most likely whole
+continuation. Also what every decoding loop shares: the one greedy rule
 (is_greedy), the end-of-turn tokens of a chat model (end_of_turn_ids),
 stop strings in linear time (StopMatcher) and text as it is generated
 (TextDecoder).
@@ -8,8 +9,11 @@ stop strings in linear time (StopMatcher) and text as it is generated
 logits: (B, V), one row of unnormalised scores per sequence.
 """
 import codecs
+from contextlib import contextmanager
 
 import torch
+
+from .attention import KVCache
 
 MIN_TEMPERATURE = 1e-5       # below this, sampling is greedy (1e-38 would overflow to NaN)
 
@@ -86,6 +90,79 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = top_p_filter(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------
+# The decoding loop
+# ----------------------------------------------------------------------------
+
+def model_step(model, use_cache=True):
+    """The step function of `decode` for a language model with a KV cache
+    (GPT, gptcourse.llama.Llama): model(idx, caches=...) -> (logits, _),
+    model.blocks, model.config.block_size.
+
+    step(new_ids (B, t)) -> logits (B, V) of the token after them. With
+    use_cache=True the first call reads the prompt into one KVCache per block
+    and each later call feeds only the newest token. Once the sequence no
+    longer fits in block_size (or with use_cache=False) every call recomputes
+    the last block_size tokens, the model's own forward pass.
+    """
+    block_size = model.config.block_size
+    window, length, caches = None, 0, None           # what the model can see; the whole length
+
+    def step(new_ids):
+        nonlocal window, length, caches
+        window = new_ids if window is None else torch.cat([window, new_ids], dim=1)
+        window, length = window[:, -block_size:], length + new_ids.shape[1]
+        if use_cache and length <= block_size:
+            if caches is None:                         # first step: fill the cache with the prompt
+                caches = [KVCache() for _ in model.blocks]
+            return model(new_ids, caches=caches)[0][:, -1, :]
+        return model(window)[0][:, -1, :]              # recompute the whole (cropped) context
+    return step
+
+
+def decode(step, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+           stop_ids=()):
+    """The decoding loop: an iterator over the (B, 1) ids of each new token.
+
+    step(new_ids (B, t)) -> logits (B, V) of the next token: called with the
+    prompt idx (B, T) first, then with each new token (see model_step). Each
+    token is sample_next(logits, temperature, top_k, top_p, generator), so
+    a seeded generator gives the same tokens, whatever the step computes.
+    Stops after max_new_tokens, or (one sequence, B = 1) once a token of
+    stop_ids has been yielded. Runs under torch.no_grad(); the model should
+    be in eval mode.
+    """
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be a (B, T) tensor with T >= 1, got {tuple(idx.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if stop_ids and idx.shape[0] != 1:
+        raise ValueError(f"stop_ids needs one sequence (B = 1), got B = {idx.shape[0]}")
+    return _decode(step, idx, max_new_tokens, temperature, top_k, top_p, generator, frozenset(stop_ids))
+
+
+@torch.no_grad()
+def _decode(step, new_ids, max_new_tokens, temperature, top_k, top_p, generator, stop_ids):
+    for _ in range(max_new_tokens):
+        next_id = sample_next(step(new_ids), temperature, top_k, top_p, generator)     # (B, 1)
+        yield next_id
+        if stop_ids and int(next_id[0, 0]) in stop_ids:
+            return
+        new_ids = next_id
+
+
+@contextmanager
+def evaluating(model):
+    """with evaluating(model): ... runs in eval mode (no dropout), then puts
+    back the mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -230,3 +307,8 @@ class TextDecoder:
         if self.bytes:
             return self._utf8.decode(self.tokenizer.token_bytes(token))
         return self.tokenizer.decode([token])
+
+    def rest(self):
+        """The text of the bytes still held at the end (an unfinished character
+        becomes U+FFFD, as tokenizer.decode writes it); "" when there are none."""
+        return self._utf8.decode(b"", final=True) if self.bytes else ""

@@ -385,3 +385,39 @@ def test_stop_matcher_and_text_decoder_live_in_sampling():
             return "é".encode()[t:t + 1]
     d = TextDecoder(Tok())
     assert d.piece(0) == "" and d.piece(1) == "é"
+
+
+def test_decode_feeds_the_prompt_then_each_token_and_stops():
+    from gptcourse.sampling import decode
+    seen = []
+
+    def step(new_ids):                       # a "model" that always predicts last id + 1
+        seen.append(new_ids.tolist())
+        logits = torch.full((new_ids.shape[0], 10), -1e9)
+        logits[torch.arange(new_ids.shape[0]), (new_ids[:, -1] + 1) % 10] = 0.0
+        return logits
+    out = [int(t) for t in decode(step, torch.tensor([[3, 4]]), 5, temperature=0, stop_ids={7})]
+    assert out == [5, 6, 7] and seen == [[[3, 4]], [[5]], [[6]]]
+    assert torch.equal(torch.cat(list(decode(step, torch.tensor([[1], [2]]), 2, temperature=0)), 1),
+                       torch.tensor([[2, 3], [3, 4]]))
+    with pytest.raises(ValueError, match=r"got \(3,\)"):
+        decode(step, torch.tensor([1, 2, 3]), 2)
+    with pytest.raises(ValueError, match="-1"):
+        decode(step, torch.tensor([[1]]), -1)
+    with pytest.raises(ValueError, match="B = 2"):
+        decode(step, torch.tensor([[1], [2]]), 2, stop_ids={3})
+
+
+def test_decode_with_model_step_is_generate():
+    from gptcourse.gpt import GPT, GPTConfig
+    from gptcourse.sampling import decode, evaluating, model_step
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("course-tiny")).train()
+    idx = torch.randint(0, 103, (2, 4))
+    for use_cache in (True, False):
+        with evaluating(model):
+            steps = decode(model_step(model, use_cache), idx, 40, 0.9, generator=torch.Generator().manual_seed(1))
+            ours = torch.cat([idx, *steps], 1)
+        assert model.training                       # evaluating puts the mode back
+        assert torch.equal(ours, model.generate(idx, 40, 0.9, use_cache=use_cache,
+                                                generator=torch.Generator().manual_seed(1)))
