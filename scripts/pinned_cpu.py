@@ -10,7 +10,8 @@ simulation), `make book`; scripts/colab_sim.py puts it into its kernels.
     python scripts/pinned_cpu.py --show           print them and what a kernel sees
 
 Why each setting (measured on torch 2.13.0's CPU wheel: oneMKL 2024.2,
-oneDNN 3.12; see the README, "Same outputs on every CPU"):
+oneDNN 3.12; see the book's appendix
+"Same outputs on every CPU", chapters/appendix_same_outputs.md):
 
 - ATEN_CPU_CAPABILITY=avx2: ATen compiles its vectorised kernels (softmax,
   exp, reductions, ...) for several instruction sets and picks the widest the
