@@ -27,7 +27,7 @@ def one_run(impl, threads, n_tokens):
     import torch
     torch.set_num_threads(threads)
     from gptcourse.chat import format_chatml
-    from gptcourse.llama import load_gguf, smollm2_path
+    from gptcourse.gguf import load_gguf, smollm2_path
 
     start = time.perf_counter()
     if impl == "gptcourse":

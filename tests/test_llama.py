@@ -369,3 +369,16 @@ def test_bfloat16_agrees_with_float32_on_the_next_token(smollm2):
     idx = torch.tensor([tok.encode(PROMPTS[0])])
     with torch.no_grad():
         assert model16(idx)[0][0, -1].argmax() == model(idx)[0][0, -1].argmax()
+
+
+def test_gguf_module_holds_the_reader_and_llama_keeps_the_old_names():
+    from gptcourse import gguf as ours
+    assert llama.load_gguf is ours.load_gguf and llama._gguf_reader is ours.gguf_reader
+    assert llama.read_gguf_metadata is ours.read_gguf_metadata and llama.smollm2_path is ours.smollm2_path
+    assert ours._our_name("blk.3.attn_q.weight") == "blocks.3.attn.w_q.weight"
+    assert ours._our_name("output_norm.weight") == "rms_f.weight" and ours._our_name("blk.x.y") is None
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        ours.config_from_metadata({"general.architecture": "gpt2"}, set())
+    with pytest.raises(ValueError, match="llama.block_count is missing"):
+        ours.config_from_metadata({"general.architecture": "llama", "llama.embedding_length": 8,
+                                   "llama.attention.head_count": 2, "tokenizer.ggml.tokens": ["a"]}, set())
