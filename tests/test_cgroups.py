@@ -1,4 +1,4 @@
-"""gptcourse.cgroups: cgroup v2 and v1 against fake trees (the files the module writes and
+"""gptcourse.grading.cgroups: cgroup v2 and v1 against fake trees (the files the module writes and
 reads), and the real limits on this host's cgroups where it may make them (root here)."""
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gptcourse import cgroups
+from gptcourse.grading import cgroups
 
 MB = 1024 * 1024
 

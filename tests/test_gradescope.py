@@ -1,4 +1,4 @@
-"""Gradescope and LMS export (gptcourse/gradescope.py).
+"""Gradescope and LMS export (gptcourse/grading/gradescope.py).
 
 (a) results.json of really graded notebooks (the solution and the stub of
 exercise notebook 03), (b) the LMS gradebook CSV, (c) the autograder bundle:
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gptcourse import gradescope
-from gptcourse.exercises import EXERCISES
+from gptcourse.grading import gradescope
+from gptcourse.grading.exercises import EXERCISES
 from gptcourse.grading import grade_one, selected_exercises
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,8 @@ def test_bundle_layout(bundle):
         setup = z.read("setup.sh").decode()
         run = z.read("run_autograder").decode()
         with zipfile.ZipFile(io.BytesIO(z.read(names[2]))) as wheel:
-            assert "gptcourse/grading.py" in wheel.namelist() and "gptcourse/gradescope.py" in wheel.namelist()
+            assert "gptcourse/grading/__init__.py" in wheel.namelist() and \
+                "gptcourse/grading/gradescope.py" in wheel.namelist()
     assert setup.startswith("#!/usr/bin/env bash") and run.startswith("#!/usr/bin/env bash")
     for word in ("apt-get install", "bubblewrap", "python3-venv", "torch", "numpy tqdm pyseccomp",
                  f"--no-deps \"$ROOT\"/source/{names[2]}"):

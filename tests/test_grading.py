@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcourse import exercises, grading
-from gptcourse.exercises import EXERCISES
+from gptcourse import grading
+from gptcourse.grading import exercises
+from gptcourse.grading.exercises import EXERCISES
 from gptcourse.grading import grade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -495,7 +496,7 @@ def test_no_module_frame_or_globals_is_reachable_from_the_allowed_modules():
     import importlib.machinery
     import types
     import warnings
-    from gptcourse.cleanroom import ALLOWED_MODULES, _attribute_problem
+    from gptcourse.grading.cleanroom import ALLOWED_MODULES, _attribute_problem
     allowed, seen, found = set(ALLOWED_MODULES), set(), []
     queue = [(m, importlib.import_module(m), 0) for m in ALLOWED_MODULES]
     with warnings.catch_warnings():
@@ -525,7 +526,7 @@ def test_no_module_frame_or_globals_is_reachable_from_the_allowed_modules():
 
 
 def test_check_says_what_the_batch_grader_would_refuse():
-    from gptcourse.exercises import EXERCISES
+    from gptcourse.grading.exercises import EXERCISES
     sdpa = EXERCISES["sdpa"]
     fine = "import torch\ndef scaled_dot_product_attention(q, k, v, mask=None):\n    return q, q\n"
     assert grading.grader_note(sdpa, [fine]) is None
@@ -935,7 +936,7 @@ def _grade_as_nobody(tmp_path, runner):
 
 def test_no_bubblewrap_refuses_unless_unsafe(tmp_path, monkeypatch, capsys):
     import shutil
-    from gptcourse import sandbox
+    from gptcourse.grading import sandbox
     subs = tmp_path / "subs"
     subs.mkdir()
     (subs / "alice.ipynb").write_text(json.dumps(SOLVED))
@@ -1088,7 +1089,7 @@ def test_odd_outputs_fail_the_test_without_crashing_the_grader():
 
 def run_raw_worker(tmp_path, body, timeout_s=4, memory_mb=1000, max_tasks=16, tmp_mb=256):
     import time
-    from gptcourse import sandbox
+    from gptcourse.grading import sandbox
     stub = tmp_path / f"stub{len(list(tmp_path.iterdir()))}"
     stub.mkdir()
     (stub / "grading_worker.py").write_text("import os, sys, time, errno\nsys.stdin.read()\n" + body)

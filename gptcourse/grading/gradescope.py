@@ -3,12 +3,13 @@
     gradescope_results(report) -> dict     one grade_one report as Gradescope's results.json
     gradebook_csv(reports, exercises) -> str   one row per student, one column per exercise
     build_bundle(out_zip, notebook)        a Gradescope autograder zip for one exercise notebook
+                                           (gptcourse/grading/bundle.py)
 
 From the command line:
 
-    python -m gptcourse.gradescope bundle --notebook 03_scaled_dot_product_attention --out autograder.zip
-    python -m gptcourse.gradescope results grades.json --out results_dir/
-    python -m gptcourse.gradescope gradebook grades.json --out gradebook.csv
+    python -m gptcourse.grading.gradescope bundle --notebook 03_scaled_dot_product_attention --out autograder.zip
+    python -m gptcourse.grading.gradescope results grades.json --out results_dir/
+    python -m gptcourse.grading.gradescope gradebook grades.json --out gradebook.csv
 
 (grades.json: the JSON report of `python -m gptcourse.grading grade`.) Bad input
 exits with code 2 and one line saying what is wrong.
@@ -38,12 +39,14 @@ import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import zipfile
+
+from .batch import _write_atomically, csv_safe, display_name, grade_one, ungraded
+from .bundle import build_bundle
+from .exercises import EXERCISES, selected_exercises
+from .monitor import TIME_LIMIT_S
+from .sandbox import SandboxUnavailable, check_bwrap
 
 MESSAGE_CAP = 300              # characters of one test's message (student-visible)
 OUTPUT_CAP = 1500              # characters of the submission's output
@@ -64,7 +67,6 @@ def _cap(text, limit=MESSAGE_CAP):
 
 
 def _title(key):
-    from .exercises import EXERCISES
     exercise = EXERCISES.get(key)
     return exercise.title if exercise is not None else str(key)
 
@@ -155,7 +157,6 @@ def gradebook_csv(reports, exercises):
     (gptcourse.grading.csv_safe). Raises ValueError when a report lacks one of
     the exercises or has another number of points possible for it.
     """
-    from .grading import csv_safe
     if not exercises:
         raise ValueError("no exercises: give at least one column")
     possible = {}
@@ -185,168 +186,11 @@ def gradebook_csv(reports, exercises):
 
 
 # ----------------------------------------------------------------------------
-# the autograder bundle
-# ----------------------------------------------------------------------------
-
-SETUP_SH = """\
-#!/usr/bin/env bash
-# Gradescope runs this once, as root, when it builds the autograder's image
-# (written by `python -m gptcourse.gradescope bundle`).
-set -euo pipefail
-ROOT="${GPTCOURSE_AUTOGRADER_ROOT:-/autograder}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-# bubblewrap: the sandbox every submission runs in (gptcourse/sandbox.py)
-apt-get install -y -q bubblewrap python3 python3-venv
-python3 -m venv "$ROOT/venv"
-"$ROOT/venv/bin/python" -m pip install -q --upgrade pip
-# torch's CPU build (Gradescope's machines have no GPU; the default wheel pulls CUDA)
-"$ROOT/venv/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
-"$ROOT/venv/bin/python" -m pip install -q numpy tqdm pyseccomp
-# the course itself, without its other dependencies (plots, chat model, server)
-"$ROOT/venv/bin/python" -m pip install -q --no-deps "$ROOT"/source/{wheel}
-"$ROOT/venv/bin/python" -c "import gptcourse.grading, torch; print('autograder ready; torch', torch.__version__)"
-"""
-
-RUN_AUTOGRADER = """\
-#!/usr/bin/env bash
-# Gradescope's autograder for exercises/{notebook}.ipynb, written by
-# `python -m gptcourse.gradescope bundle`. Gradescope copies it to
-# /autograder/run_autograder and runs it once per submission; it writes
-# /autograder/results/results.json whatever happens.
-ROOT="${GPTCOURSE_AUTOGRADER_ROOT:-/autograder}"
-PYTHON="${GPTCOURSE_AUTOGRADER_PYTHON:-$ROOT/venv/bin/python}"
-mkdir -p "$ROOT/results"
-rm -f "$ROOT/results/results.json"
-cd "$ROOT" || exit 1
-"$PYTHON" -E -s -m gptcourse.gradescope autograde --root "$ROOT" {args}
-code=$?
-if [ ! -s "$ROOT/results/results.json" ]; then
-    # the grader itself failed (not the student's notebook): say so, with score 0
-    message="The autograder failed before grading your notebook (exit code $code); your instructor's log says why."
-    printf '{"score": 0, "output": "%s", "visibility": "visible", "stdout_visibility": "hidden"}\\n' \\
-        "$message" > "$ROOT/results/results.json"
-fi
-exit $code
-"""
-
-
-def _project_root():
-    """The checkout gptcourse is imported from (where pyproject.toml is), or raise ValueError."""
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or 'name = "gptcourse"' not in pyproject.read_text(encoding="utf-8"):
-        raise ValueError(f"the bundle is built from a checkout of the course (no pyproject.toml of gptcourse "
-                         f"in {root})")
-    return root
-
-
-def build_wheel(dest):
-    """gptcourse's wheel, built from this checkout (pyproject.toml, README.md and
-    gptcourse/*.py copied to a scratch folder) with `pip wheel --no-deps
-    --no-build-isolation` (offline: setuptools must be installed). Returns its path
-    in folder dest. Raises ValueError outside a checkout, RuntimeError if pip fails."""
-    root = _project_root()
-    src = os.path.join(dest, "src")
-    os.makedirs(os.path.join(src, "gptcourse"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(root / name, os.path.join(src, name))
-    for path in sorted((root / "gptcourse").glob("*.py")):
-        shutil.copy2(path, os.path.join(src, "gptcourse", path.name))
-    out = os.path.join(dest, "wheel")
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                          "-w", out, src], capture_output=True, text=True, cwd=dest)
-    wheels = [f for f in os.listdir(out) if f.startswith("gptcourse-") and f.endswith(".whl")] \
-        if os.path.isdir(out) else []
-    if run.returncode != 0 or len(wheels) != 1:
-        raise RuntimeError(f"building gptcourse's wheel failed (pip exit code {run.returncode}): "
-                           f"{(run.stderr or run.stdout).strip()[-500:]}")
-    return os.path.join(out, wheels[0])
-
-
-def _zip_add(archive, name, data, executable=False):
-    info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
-    info.external_attr = ((0o100755 if executable else 0o100644) & 0xFFFF) << 16
-    info.compress_type = zipfile.ZIP_DEFLATED
-    archive.writestr(info, data)
-
-
-def build_bundle(out_zip, notebook, sandbox=True, timeout_s=300, memory_mb=3072, cell_timeout_s=60,
-                 call_timeout_s=10):
-    """Write a Gradescope autograder zip for one exercise notebook to out_zip.
-
-    notebook: an exercise notebook's name, e.g. "03_scaled_dot_product_attention".
-    The zip holds, at its root: setup.sh (installs bubblewrap, python3-venv, and a
-    virtual environment in /autograder/venv with torch, numpy, tqdm, pyseccomp and
-    the course's wheel), run_autograder (grades the submission's notebook with
-    grade_one and these limits and writes results.json) and the wheel. sandbox=False
-    (only where Gradescope's machines refuse bubblewrap's namespaces) bakes
-    --unsafe-no-sandbox in; the results record it. Returns out_zip.
-    Raises ValueError for an unknown notebook or a limit that is not positive.
-    """
-    from .grading import selected_exercises
-    selected_exercises(notebook)                       # ValueError for an unknown notebook
-    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("cell_timeout_s", cell_timeout_s),
-                        ("call_timeout_s", call_timeout_s)):
-        if not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"{name} must be positive, got {value!r}")
-    args = (f"--notebook {notebook} --timeout {timeout_s:g} --memory-mb {int(memory_mb)} "
-            f"--cell-timeout {cell_timeout_s:g} --call-timeout {call_timeout_s:g}"
-            + ("" if sandbox else " --unsafe-no-sandbox"))
-    with tempfile.TemporaryDirectory(prefix="gptcourse-bundle-") as scratch:
-        wheel = build_wheel(scratch)
-        folder = os.path.dirname(os.path.abspath(out_zip))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".zip")
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w") as archive:
-                _zip_add(archive, "setup.sh", SETUP_SH.replace("{wheel}", os.path.basename(wheel)), True)
-                _zip_add(archive, "run_autograder",
-                         RUN_AUTOGRADER.replace("{notebook}", notebook).replace("{args}", args), True)
-                with open(wheel, "rb") as f:
-                    _zip_add(archive, os.path.basename(wheel), f.read())
-            os.replace(tmp, out_zip)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    return out_zip
-
-
-# ----------------------------------------------------------------------------
 # what run_autograder does on Gradescope
 # ----------------------------------------------------------------------------
 
-def _write_atomically(path, text):
-    """Write text to path so that readers see the old file or the new one, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _write_json(path, data):
     _write_atomically(path, json.dumps(data, indent=1) + "\n")
-
-
-def _ungraded(student, why, sandbox, notebook):
-    """A report in grade_one's form in which every test of the notebook's exercises
-    scores 0 with `why` as its message (the submission was not graded)."""
-    from .grading import selected_exercises
-    exercises = {}
-    for key, exercise in selected_exercises(notebook).items():
-        tests = [{"name": c.name, "points": 0, "possible": c.points, "passed": False, "message": why}
-                 for c in exercise.cases]
-        exercises[key] = {"exercise": key, "points": 0, "possible": exercise.possible, "tests": tests, "hints": []}
-    label = "bubblewrap" if sandbox else "NONE (--unsafe-no-sandbox)"
-    return {"student": student, "status": why, "sandbox": label, "exercises": exercises}
 
 
 def _read_notebook(folder, raw_name, limit=50 * 1024 * 1024):
@@ -378,11 +222,6 @@ def autograde(root, notebook, sandbox=True, timeout_s=300, memory_mb=3072, cell_
     no usable bubblewrap: every test scores 0 and the output says why. Prints a
     line for the instructor's log (Gradescope keeps stdout). Returns the results dict.
     """
-    from .grading import grade_one
-    from .sandbox import SandboxUnavailable, check_bwrap
-
-    def display_name(raw):                    # any bytes, shown (invalid UTF-8 as \xNN)
-        return raw.decode("utf-8", errors="backslashreplace")
 
     started = time.monotonic()
     folder = os.path.join(root, "submission")
@@ -398,7 +237,7 @@ def autograde(root, notebook, sandbox=True, timeout_s=300, memory_mb=3072, cell_
             found = ", ".join(display_name(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
             why = (f"upload exactly one notebook (.ipynb), your completed {label}; found "
                    + (f"{len(names)}: {found}" if names else "none"))
-        report = _ungraded("submission", why, sandbox, notebook)
+        report = ungraded("submission", why, sandbox, notebook)
     else:
         student = display_name(names[0][:-len(b".ipynb")])
         text, why = _read_notebook(folder, names[0])
@@ -413,7 +252,7 @@ def autograde(root, notebook, sandbox=True, timeout_s=300, memory_mb=3072, cell_
             report = grade_one(student, text, timeout_s=timeout_s, memory_mb=memory_mb, notebook=notebook,
                                cell_timeout_s=cell_timeout_s, call_timeout_s=call_timeout_s, sandbox=sandbox)
         else:
-            report = _ungraded(student, why, sandbox, notebook)
+            report = ungraded(student, why, sandbox, notebook)
             if why.startswith("not graded: the autograder could not start its sandbox"):
                 report["sandbox"] = "bubblewrap unavailable (not graded)"
     results = gradescope_results(report)
@@ -472,8 +311,6 @@ def write_results(reports, out_dir, visibility="visible"):
 
 def _columns(reports, notebook):
     """The gradebook's exercises: one notebook's, or those the reports hold, in the course's order."""
-    from .exercises import EXERCISES
-    from .grading import selected_exercises
     if notebook is not None:
         return selected_exercises(notebook)
     keys = {k for r in reports for k in r["exercises"]}
@@ -487,8 +324,7 @@ def _columns(reports, notebook):
 
 def main(argv=None):
     import argparse
-    from .grading import TIME_LIMIT_S
-    parser = argparse.ArgumentParser(prog="python -m gptcourse.gradescope", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gptcourse.grading.gradescope", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bundle", help="write a Gradescope autograder zip for one exercise notebook")
     b.add_argument("--notebook", required=True, help="e.g. 03_scaled_dot_product_attention")
@@ -532,7 +368,6 @@ def main(argv=None):
             _write_atomically(args.out, gradebook_csv(reports, _columns(reports, args.notebook)))
             print(f"wrote {args.out} ({len(reports)} students)")
         else:
-            from .grading import selected_exercises
             selected_exercises(args.notebook)
             autograde(args.root, args.notebook, not args.unsafe_no_sandbox, args.timeout, args.memory_mb,
                       args.cell_timeout, args.call_timeout)

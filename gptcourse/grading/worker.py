@@ -4,9 +4,12 @@ torch): the sandbox holds this file and nothing of the course's references.
 
     python grading_worker.py  < job   (job: one JSON line, then torch.save bytes)
 
+(gptcourse.grading.batch.make_stub_dir copies this file, gptcourse/grading/worker.py,
+alone into the sandbox as /grader/grading_worker.py.)
+
 The JSON line holds the number of the file descriptor that receives the
 results and the limits. The bytes that follow hold, per exercise, the
-program the grader accepted (gptcourse/cleanroom.py: the graded function and
+program the grader accepted (gptcourse/grading/cleanroom.py: the graded function and
 the definitions it uses, read from the notebook's text and vetted; never the
 notebook's other cells), the function's name, the ATen operators the
 exercise asks the student to write themselves, and the inputs the grader

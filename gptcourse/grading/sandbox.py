@@ -2,7 +2,7 @@
 
     run_worker(stub_dir, job_bytes, timeout_s, memory_mb, max_tasks=16, sandbox=True) -> dict
 
-The worker (gptcourse/grading_worker.py, alone in stub_dir) runs as:
+The worker (gptcourse/grading/worker.py, alone in stub_dir as grading_worker.py) runs as:
 
     bwrap --unshare-all --unshare-user --uid 65534 --gid 65534 --die-with-parent
           --new-session --clearenv --cap-drop ALL   (user nobody; own PID, network (none),
@@ -26,7 +26,7 @@ ENOSYS so the C library falls back to clone), new namespaces (unshare, setns),
 ptrace and process_vm_readv/writev, bpf, keyctl, mount, sockets, io_uring and
 the rest of DENIED_SYSCALLS.
 
-Limits for the whole tree come from a cgroup (gptcourse/cgroups.py: cgroup v2,
+Limits for the whole tree come from a cgroup (gptcourse/grading/cgroups.py: cgroup v2,
 including a delegated subtree for an ordinary user, or v1): memory (no swap on
 top), tasks (pids.max counts threads) and a CPU share (one core by default), so
 one notebook cannot starve its neighbours. Where no cgroup can be made (an
@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 
-from gptcourse import cgroups
+from . import cgroups
 
 OUTPUT_KEEP = 64 * 1024
 RESULT_CAP = 256 * 1024 * 1024
