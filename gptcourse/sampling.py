@@ -105,16 +105,19 @@ def model_step(model, use_cache=True):
     use_cache=True the first call reads the prompt into one KVCache per block
     and each later call feeds only the newest token. Once the sequence no
     longer fits in block_size (or with use_cache=False) every call recomputes
-    the last block_size tokens, the model's own forward pass.
+    the last block_size tokens, the model's own forward pass. A model without
+    config.block_size sees everything. A tool loop feeds the step more than
+    one new token (the last token and a tool's result), and it goes on.
     """
-    block_size = model.config.block_size
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
     window, length, caches = None, 0, None           # what the model can see; the whole length
 
     def step(new_ids):
         nonlocal window, length, caches
         window = new_ids if window is None else torch.cat([window, new_ids], dim=1)
-        window, length = window[:, -block_size:], length + new_ids.shape[1]
-        if use_cache and length <= block_size:
+        window = window if block_size is None else window[:, -block_size:]
+        length += new_ids.shape[1]
+        if use_cache and (block_size is None or length <= block_size):
             if caches is None:                         # first step: fill the cache with the prompt
                 caches = [KVCache() for _ in model.blocks]
             return model(new_ids, caches=caches)[0][:, -1, :]

@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from .sampling import TextDecoder, decode, end_of_turn_ids, model_step, sample_next
+
 # ----------------------------------------------------------------------------
 # The calculator: a recursive-descent parser, never eval
 # ----------------------------------------------------------------------------
@@ -393,11 +395,8 @@ def _device_of(model):
 @torch.no_grad()
 def greedy_next(model, ids):
     """The most likely next token id after the list `ids` (the last block_size of them)."""
-    block_size = getattr(getattr(model, "config", None), "block_size", None)
-    idx = torch.tensor([ids[-block_size:] if block_size else ids], dtype=torch.long,
-                       device=_device_of(model))
-    logits = model(idx)[0]
-    return int(logits[0, -1].argmax())
+    idx = torch.tensor([ids], dtype=torch.long, device=_device_of(model))
+    return int(sample_next(model_step(model, use_cache=False)(idx), temperature=0))
 
 
 def tool_result(call_text, tools):
@@ -457,6 +456,9 @@ def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max
     prompt = format_prompt(question)
     run._add("prompt", prompt)
     ids = tokenizer.encode(prompt)
+    device = _device_of(model)
+    step = model_step(model, use_cache=False)   # the model's own forward pass over the last block_size
+    steps = decode(step, torch.tensor([ids], device=device), max_new_tokens, temperature=0)
     line = ""              # the answer line so far, tool results included
     call_start = None      # where the open call starts in `line`
     written = 0
@@ -467,7 +469,7 @@ def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max
         if block_size is not None and len(ids) > block_size:
             run.stop = "context full"
             return run
-        next_id = greedy_next(model, ids)
+        next_id = int(next(steps))
         char = tokenizer.decode([next_id])
         ids.append(next_id)
         written += 1
@@ -491,8 +493,12 @@ def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max
         result = "[" + sanitize_result(tool_result(call, tools), tokenizer) + "]"
         run.calls.append((call, result[1:-1]))
         run._add("tool", result)
-        ids.extend(tokenizer.encode(result))
+        result_ids = tokenizer.encode(result)
+        ids.extend(result_ids)
         line += result
+        # the loop goes on: the step reads the last token and the result, then writes
+        steps = decode(step, torch.tensor([[next_id, *result_ids]], device=device),
+                       max_new_tokens - written, temperature=0)
 
 
 def accuracy(model, tokenizer, problems, tools=None, use_tools=True):
@@ -582,9 +588,10 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
     '<' and ends with '</name>', a newline or max_call_chars characters; the
     program then runs it (parse_call: malformed calls and unknown tools give
     'error: ...') and appends '[result]' to the assistant's turn, encoded as
-    plain text (no special tokens), and the model goes on. The turn ends at
-    <|im_end|>. Returns a ToolRun whose answer is the text after the last
-    result (or the whole turn when there was no call).
+    plain text (no special tokens), and the model goes on from its KV cache.
+    The turn ends at an end-of-turn token (gptcourse.sampling.end_of_turn_ids:
+    <|im_end|>, or any special token). Returns a ToolRun whose answer is the
+    text after the last result (or the whole turn when there was no call).
     """
     from .chat import encode_chatml, format_chatml
     tools = TOOLS if tools is None else tools
@@ -592,15 +599,17 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
         raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    end = tokenizer.special.get("<|im_end|>")
-    if end is None:
+    if "<|im_end|>" not in tokenizer.special:
         raise ValueError("the tokenizer has no <|im_end|> token: chat_tool_loop needs a ChatML model")
+    end = end_of_turn_ids(tokenizer)
     run = ToolRun(messages[-1]["content"])
     run._add("prompt", format_chatml(messages))
     prompt_ids = encode_chatml(messages, tokenizer)    # no special token from the messages' text
     device = _device_of(model)
-    turn, new_ids, call_start, written = "", [], None, 0
-    steps = model.stream(torch.tensor([prompt_ids], device=device), max_new_tokens, temperature=0)
+    step = model_step(model)                           # the KV cache, kept across tool calls
+    read = prompt_ids                                  # the tokens the step has read or will read next
+    steps = decode(step, torch.tensor([prompt_ids], device=device), max_new_tokens, temperature=0)
+    turn, text, call_start, written = "", TextDecoder(tokenizer), None, 0
     while True:
         next_id = next(steps, None)
         if next_id is None or written >= max_new_tokens:
@@ -608,14 +617,13 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
             return run
         token = int(next_id[0, 0])
         written += 1
-        if token == end:
+        if token in end:
             run.answer, run.stop = answer_of(turn), "answered"
             return run
-        new_ids.append(token)
-        piece = tokenizer.decode(new_ids)
-        if piece.endswith("\ufffd"):                  # an unfinished UTF-8 character
+        read = read + [token]
+        piece = text.piece(token)
+        if not piece:                                  # an unfinished UTF-8 character
             continue
-        new_ids = []
         turn += piece
         run._add("model", piece)
         if call_start is None:
@@ -638,9 +646,19 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
         run.calls.append((call, result[1:-1]))
         run._add("tool", result)
         turn += result
-        # the prompt's ids stay; the turn so far (the result holds no markup) is re-encoded
+        # the turn so far as text (the result holds no markup), encoded
         ids = prompt_ids + tokenizer.encode(turn, allow_special=False)
-        steps = model.stream(torch.tensor([ids], device=device), max_new_tokens - written, temperature=0)
+        steps, read = _go_on(model, step, read, ids, max_new_tokens - written, device), ids
+        text = TextDecoder(tokenizer)
+
+
+def _go_on(model, step, read, ids, max_new_tokens, device):
+    """decode() from `ids`: from the KV cache of `step`, which holds read[:-1]
+    (the last token it wrote is not read yet), when ids continue read; else
+    with a fresh cache from the whole of ids."""
+    if ids[:len(read)] == read:
+        return decode(step, torch.tensor([ids[len(read) - 1:]], device=device), max_new_tokens, temperature=0)
+    return decode(model_step(model), torch.tensor([ids], device=device), max_new_tokens, temperature=0)
 
 
 # ----------------------------------------------------------------------------

@@ -353,6 +353,22 @@ def test_chat_tool_loop_runs_the_real_models_call():
     alone = chat_tool_loop(model, tok, question, use_tools=False)
     assert alone.calls == [] and "[3884]" not in alone.text       # nothing was run for it
 
+    # after the result the loop goes on from its KV cache; re-reading the whole prompt
+    # (the loop's way when the re-encoded turn does not continue what it read) writes the same
+    from gptcourse import tools
+    fast, original = [], tools._go_on
+
+    def go_on(model_, step, read, ids, n, device):
+        fast.append(ids[:len(read)] == read)
+        return original(model_, step, [-1], ids, n, device)         # [-1] never continues: a fresh cache
+    try:
+        tools._go_on = go_on
+        reread = chat_tool_loop(model, tok, question)
+    finally:
+        tools._go_on = original
+    assert fast == [True]
+    assert (reread.segments, reread.calls, reread.answer) == (run.segments, run.calls, run.answer)
+
 
 # ----------------------------------------------------------------------------
 # greedy_batch: many prompts decoded together == one at a time
