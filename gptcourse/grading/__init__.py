@@ -71,14 +71,14 @@ The package, module by module, in the order a submission meets them:
     gradescope   Gradescope's results.json, an LMS gradebook CSV, the autograder
                  (python -m gptcourse.grading.gradescope); bundle: its zip
 """
-from .batch import (FORMULA_START, UNAVAILABLE, WORKER_FILE, _write_atomically, csv_safe, display_name,
-                    grade_folder, grade_one, judge_record, main, make_job, make_stub_dir, read_records,
-                    read_submission, result_cap, ungraded)
+from .batch import (FORMULA_START, UNAVAILABLE, WORKER_FILE, csv_safe, display_name, grade_folder, grade_one,
+                    judge_record, main, make_job, make_stub_dir, read_records, read_submission, result_cap, ungraded)
+from .batch import _write_atomically  # noqa: F401  (gptcourse.grading._write_atomically, as before the split)
 from .exercises import EXERCISES, selected_exercises
 from .judge import case_inputs, check, compare, evaluate, format_result, fresh_seed, grade, grader_note, run_cases
 from .monitor import TIME_LIMIT_S, ForbiddenCall, TimeLimit, call_guarded
 
-__all__ = ["FORMULA_START", "UNAVAILABLE", "WORKER_FILE", "_write_atomically", "csv_safe", "display_name",
+__all__ = ["FORMULA_START", "UNAVAILABLE", "WORKER_FILE", "csv_safe", "display_name",
            "grade_folder", "grade_one", "judge_record", "main", "make_job", "make_stub_dir", "read_records",
            "read_submission", "result_cap", "ungraded", "EXERCISES", "selected_exercises", "case_inputs",
            "check", "compare", "evaluate", "format_result", "fresh_seed", "grade", "grader_note", "run_cases",

@@ -30,6 +30,7 @@ import torch
 from .exercises import selected_exercises
 from .judge import case_inputs, evaluate, fresh_seed
 from .monitor import TIME_LIMIT_S
+from .sandbox import WORKER_NAME
 
 def _notebook_code(nb_text):
     """The code cells of a notebook, IPython magics and shell lines removed."""
@@ -47,12 +48,12 @@ def _notebook_code(nb_text):
 
 
 WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
-WORKER_NAME = "grading_worker.py"                     # its name in the sandbox: /grader/grading_worker.py
 UNAVAILABLE = " is not available while grading"       # the worker's blocked kernels say this
 
 
 def make_stub_dir(folder):
-    """Fill `folder` with what the sandbox sees at /grader: the worker, nothing else."""
+    """Fill `folder` with what the sandbox sees at /grader: the worker (WORKER_FILE, as
+    sandbox.WORKER_NAME), nothing else."""
     import shutil
     shutil.copy(WORKER_FILE, os.path.join(folder, WORKER_NAME))
     os.chmod(os.path.join(folder, WORKER_NAME), 0o644)

@@ -42,7 +42,7 @@ import re
 import sys
 import time
 
-from .batch import _write_atomically, csv_safe, display_name, grade_one, ungraded
+from .batch import _write_atomically, csv_safe, display_name, grade_one, read_submission, ungraded
 from .bundle import build_bundle
 from .exercises import EXERCISES, selected_exercises
 from .monitor import TIME_LIMIT_S
@@ -193,28 +193,6 @@ def _write_json(path, data):
     _write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
-def _read_notebook(folder, raw_name, limit=50 * 1024 * 1024):
-    """(text, None) for a regular file folder/raw_name (bytes); (None, why) for
-    anything else: a link is not followed (a link to the solution is not graded),
-    a FIFO is not waited on."""
-    import errno
-    import stat
-    try:
-        fd = os.open(os.path.join(os.fsencode(folder), raw_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        return None, ("not a regular file (a symbolic link): not graded" if e.errno == errno.ELOOP
-                      else f"unreadable: {e.strerror}")
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "not a regular file: not graded"
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(limit).decode("utf-8", errors="replace"), None
-    except OSError as e:
-        return None, f"unreadable: {e.strerror}"
-    finally:
-        os.close(fd)
-
-
 def autograde(root, notebook, sandbox=True, timeout_s=300, memory_mb=3072, cell_timeout_s=60, call_timeout_s=10):
     """Grade the one *.ipynb in root/submission/ and write root/results/results.json.
 
@@ -240,7 +218,7 @@ def autograde(root, notebook, sandbox=True, timeout_s=300, memory_mb=3072, cell_
         report = ungraded("submission", why, sandbox, notebook)
     else:
         student = display_name(names[0][:-len(b".ipynb")])
-        text, why = _read_notebook(folder, names[0])
+        text, why = read_submission(folder, names[0])
         if why is None and sandbox:
             try:
                 check_bwrap()

@@ -48,6 +48,7 @@ import threading
 
 from . import cgroups
 
+WORKER_NAME = "grading_worker.py"     # the worker's file in stub_dir, /grader in the sandbox
 OUTPUT_KEEP = 64 * 1024
 RESULT_CAP = 256 * 1024 * 1024
 
@@ -203,7 +204,7 @@ def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256, seccomp_fd=None):
            "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
     for name, value in env.items():
         cmd += ["--setenv", name, value]
-    return cmd + ["--", sys.executable, "-E", "-s", "/grader/grading_worker.py"]
+    return cmd + ["--", sys.executable, "-E", "-s", "/grader/" + WORKER_NAME]
 
 
 def _drain(stream, keep, cap, out):
@@ -255,7 +256,7 @@ def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, cg, result_cap):
         passed.append(filter_r)
         cmd = bwrap_command(find_bwrap(), stub_dir, memory_mb, tmp_mb, seccomp_fd=filter_r)
     else:
-        cmd = [sys.executable, "-E", "-s", os.path.join(stub_dir, "grading_worker.py")]
+        cmd = [sys.executable, "-E", "-s", os.path.join(stub_dir, WORKER_NAME)]
     if cg is not None:                           # join the cgroup(s) first, then become bwrap
         joiner = " && ".join(f"echo $$ > {f}" for f in cg.procs_files)
         cmd = ["/bin/sh", "-c", joiner + ' && exec "$@"', "sh"] + cmd
