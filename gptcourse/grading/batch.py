@@ -345,7 +345,8 @@ def grade_folder(folder, out_csv, out_json=None, timeout_s=300, memory_mb=3072, 
 def main(argv=None):
     import argparse
     from .sandbox import SandboxUnavailable
-    parser = argparse.ArgumentParser(prog="python -m gptcourse.grading", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gptcourse.grading",
+                                     description=sys.modules[__package__].__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grade", help="grade a folder of submitted notebooks")
     g.add_argument("folder")
