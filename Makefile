@@ -49,7 +49,7 @@ browser:
 	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
 
-# bubblewrap, the sandbox the batch grader runs each submission in (gptcourse/sandbox.py),
+# bubblewrap, the sandbox the batch grader runs each submission in (gptcourse/grading/sandbox.py),
 # and libseccomp, whose filter it loads (pyseccomp, in the venv, calls the C library)
 sandbox:
 	@command -v bwrap >/dev/null || (apt-get install -y -q bubblewrap >/dev/null || \

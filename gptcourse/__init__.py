@@ -1,27 +1,43 @@
 """gptcourse: the small PyTorch library behind the executable GPT course.
 
-One module per idea:
-    attention    scaled dot-product, masks, multi-head, additive (Bahdanau)
-    positional   sinusoidal and learned position codes
-    tokenizers   characters and byte-level BPE
-    data         the offline corpus, train/val split, batches
-    gpt          GPTConfig (GPT-2 / GPT-3 presets), count_params, GPT with a KV cache
-    sampling     greedy, temperature, top-k, top-p
-    train        one training loop, device pick, seeding
-    distributed  the same loop on many processes: torchrun, DDP, checkpoint and resume
-    chat         the chat transcript format, context-window fitting, the course model
-    serve        an OpenAI-compatible chat API on FastAPI + uvicorn (python -m gptcourse.serve)
-    batching     continuous batching: many sequences decoded in one forward pass per step
-    tools        tool calling: a call syntax, its parser, safe tools, the tool loop
-    viz          attention heatmaps and loss curves
+The models and ideas, one flat module each, in the order of the book:
 
-Graded exercises and the grader:
-    exercises      the graded functions, their references, cases and hints
-    grading        check() for students; batch grading for instructors (python -m gptcourse.grading)
-    cleanroom      the statements of a notebook a graded function needs, vetted before anything runs
-    grading_worker the process that runs them, inside the sandbox
-    sandbox        bubblewrap and seccomp around that process
-    cgroups        its memory, task and CPU limits (cgroup v2 or v1)
-    gradescope     Gradescope's autograder bundle and results.json; an LMS gradebook CSV
+  Part I. From RNNs to attention (chapters 1-2)
+    rnn          seq2seq RNNs: encoder, fixed-context and Bahdanau decoders, translate
+    attention    scaled dot-product, masks, multi-head, additive (Bahdanau), the KV cache
+  Part II. The Transformer (chapters 3-8)
+    positional   sinusoidal and learned position codes
+    transformer  encoder and decoder layers (post- or pre-norm), the encoder-decoder model
+  Part III. GPT (chapters 9-13)
+    data         the offline corpus, train/val split, batches
+    tokenizers   characters and byte-level BPE (and a real model's vocabulary)
+    gpt          GPTConfig (GPT-2 / GPT-3 presets), count_params, GPT with a KV cache
+    bert         the encoder-only sibling, for chapter 9's comparison
+    sampling     greedy, temperature, top-k, top-p, beam search: the one decoding loop
+  Part IV. Using GPT (chapters 14-17)
+    llama        the Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)
+    gguf         reading a real model (SmolLM2) from its GGUF file into `llama`
+    chat         chat transcripts (the course's format and ChatML), reply, the course model
+    batching     continuous batching: the ragged KV cache and step, the prefix cache (chapter 16)
+    tools        tool calling: a call syntax, its parser, safe tools, the tool loop
+  Shared by every part
+    train        one training loop: device pick, seeding, AdamW, progress bar
+    viz          the figures the chapters share
+    distributed  the same loop on many processes: torchrun, DDP, checkpoint and resume
+
+The machinery beside them, as packages:
+
+  serve/       an OpenAI-compatible chat server (python -m gptcourse.serve):
+               protocol (the request and response schema), app (FastAPI front end),
+               server (uvicorn), prompt (a request prepared for the model), params
+               (sampling parameters), engine (the scheduler), runner (the batched model
+               step), output (text, stops, logprobs, tool calls), cli
+  grading/     the graded exercises (check() for students; python -m gptcourse.grading
+               for instructors): judge and monitor (check()), exercises/ (the graded
+               functions, references, cases, hints), batch (a folder of notebooks),
+               cleanroom (what of a notebook runs), worker (runs it, in the sandbox),
+               sandbox (bubblewrap, seccomp), cgroups (memory, tasks, CPU), gradescope
+               and bundle (Gradescope and LMS export)
+  exercises    a re-export of grading.exercises
 """
 __version__ = "0.1.0"
