@@ -704,7 +704,7 @@ def attack_submissions(subs):
             "    except OSError:\n        pass\nos._exit(0)\n", base=STUB), 0, 0, "graded", "not implemented"),
         "heidi_hostile_but_honest": (notebook(
             f"for p in [{str(subs)!r} + '/alice_solution.ipynb', {str(subs.parent)!r} + '/out/grades.csv', "
-            f"{str(ROOT / 'gptcourse' / 'exercises.py')!r}]:\n"
+            f"{str(ROOT / 'gptcourse' / 'grading' / 'exercises' / '__init__.py')!r}]:\n"
             "    try:\n        open(p, 'w').write('owned')\n    except OSError:\n        pass\n",
             f"import shutil\nshutil.rmtree({str(subs)!r}, ignore_errors=True)\n",
             "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 1000'], start_new_session=True)\n",
@@ -803,7 +803,7 @@ def test_batch_grading_against_attacks(tmp_path):
     report = assert_grades(rows, cases, out)
     assert any("sqrt(d_k)" in h for h in report["dave_no_scale"]["exercises"]["sdpa"]["hints"])
     assert sorted(p.name for p in out.parent.iterdir()) == ["grades.csv", "grades.json"]   # no temp files left
-    assert (ROOT / "gptcourse" / "exercises.py").read_text() != "owned"
+    assert (ROOT / "gptcourse" / "grading" / "exercises" / "__init__.py").read_text() != "owned"
     assert sorted(p.name for p in subs.iterdir()) == sorted(f"{n}.ipynb" for n in cases)
     leftovers = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), leftovers                # nothing of a submission outlives the run
