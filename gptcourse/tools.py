@@ -384,6 +384,28 @@ class ToolRun:
         else:
             self.segments.append((who, text))
 
+    def called(self, call, result):
+        """Record a call and its bracketed result "[...]"; returns the result."""
+        self.calls.append((call, result[1:-1]))
+        self._add("tool", result)
+        return result
+
+
+def _check_loop_args(max_calls, max_new_tokens):
+    if not isinstance(max_calls, int) or max_calls < 0:
+        raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def _one_call_too_many(run, call, max_calls):
+    """True (and the run stops) when run already made max_calls calls."""
+    if len(run.calls) < max_calls:
+        return False
+    run.calls.append((call, None))
+    run.stop = "too many calls"
+    return True
+
 
 def _device_of(model):
     try:
@@ -447,10 +469,7 @@ def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max
     model makes more than max_calls calls. Returns a ToolRun.
     """
     tools = TOOLS if tools is None else tools
-    if not isinstance(max_calls, int) or max_calls < 0:
-        raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_loop_args(max_calls, max_new_tokens)
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     run = ToolRun(question)
     prompt = format_prompt(question)
@@ -459,9 +478,8 @@ def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max
     device = _device_of(model)
     step = model_step(model, use_cache=False)   # the model's own forward pass over the last block_size
     steps = decode(step, torch.tensor([ids], device=device), max_new_tokens, temperature=0)
-    line = ""              # the answer line so far, tool results included
-    call_start = None      # where the open call starts in `line`
-    written = 0
+    # the answer line so far (tool results included), where its open call starts, tokens written
+    line, call_start, written = "", None, 0
     while True:
         if written >= max_new_tokens:
             run.stop = "too long"
@@ -486,13 +504,9 @@ def run_tool_loop(model, tokenizer, question, tools=None, *, use_tools=True, max
         if not (call.count(">") == 2 or char == "\n" or len(call) >= max_call_chars):
             continue
         call_start = None
-        if len(run.calls) == max_calls:
-            run.calls.append((call, None))
-            run.stop = "too many calls"
+        if _one_call_too_many(run, call, max_calls):
             return run
-        result = "[" + sanitize_result(tool_result(call, tools), tokenizer) + "]"
-        run.calls.append((call, result[1:-1]))
-        run._add("tool", result)
+        result = run.called(call, "[" + sanitize_result(tool_result(call, tools), tokenizer) + "]")
         result_ids = tokenizer.encode(result)
         ids.extend(result_ids)
         line += result
@@ -595,10 +609,7 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
     """
     from .chat import encode_chatml, format_chatml
     tools = TOOLS if tools is None else tools
-    if not isinstance(max_calls, int) or max_calls < 0:
-        raise ValueError(f"max_calls must be a non-negative integer, got {max_calls!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_loop_args(max_calls, max_new_tokens)
     if "<|im_end|>" not in tokenizer.special:
         raise ValueError("the tokenizer has no <|im_end|> token: chat_tool_loop needs a ChatML model")
     end = end_of_turn_ids(tokenizer)
@@ -607,7 +618,7 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
     prompt_ids = encode_chatml(messages, tokenizer)    # no special token from the messages' text
     device = _device_of(model)
     step = model_step(model)                           # the KV cache, kept across tool calls
-    read = prompt_ids                                  # the tokens the step has read or will read next
+    read = list(prompt_ids)                            # the tokens the step has read or will read next
     steps = decode(step, torch.tensor([prompt_ids], device=device), max_new_tokens, temperature=0)
     turn, text, call_start, written = "", TextDecoder(tokenizer), None, 0
     while True:
@@ -620,7 +631,7 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
         if token in end:
             run.answer, run.stop = answer_of(turn), "answered"
             return run
-        read = read + [token]
+        read.append(token)
         piece = text.piece(token)
         if not piece:                                  # an unfinished UTF-8 character
             continue
@@ -631,25 +642,26 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
                 call_start = turn.rindex("<")
             else:
                 continue
-        call = turn[call_start:]
-        closed = re.search(r"</[a-z_]+>", call)
-        if not (closed or "\n" in call or len(call) >= max_call_chars):
+        call = _finished_call(turn[call_start:], max_call_chars)
+        if call is None:
             continue
-        if closed:                                    # anything after '</name>' is dropped
-            call = call[:closed.end()]
         call_start, turn = None, turn[:call_start] + call
-        if len(run.calls) == max_calls:
-            run.calls.append((call, None))
-            run.stop = "too many calls"
+        if _one_call_too_many(run, call, max_calls):
             return run
-        result = "[" + _clean_result(tool_result(call.strip(), tools)) + "]"
-        run.calls.append((call, result[1:-1]))
-        run._add("tool", result)
-        turn += result
+        turn += run.called(call, "[" + _clean_result(tool_result(call.strip(), tools)) + "]")
         # the turn so far as text (the result holds no markup), encoded
         ids = prompt_ids + tokenizer.encode(turn, allow_special=False)
         steps, read = _go_on(model, step, read, ids, max_new_tokens - written, device), ids
         text = TextDecoder(tokenizer)
+
+
+def _finished_call(call, max_call_chars):
+    """The text of a call once it is finished, else None: up to '</name>' (anything
+    after it is dropped), or with a newline, or max_call_chars characters long."""
+    closed = re.search(r"</[a-z_]+>", call)
+    if closed:
+        return call[:closed.end()]
+    return call if "\n" in call or len(call) >= max_call_chars else None
 
 
 def _go_on(model, step, read, ids, max_new_tokens, device):
@@ -684,7 +696,7 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokeniz
     each prompt only from where it departs from what its row already holds:
     the second turn of a conversation costs only its new tokens.
     """
-    from .batching import RaggedKVCache, common_prefix, llama_step
+    from .batching import llama_step
     if not prompts or any(p is not None and (not isinstance(p, (list, tuple)) or len(p) < 1)
                           for p in prompts) or all(p is None for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists (or None)")
@@ -692,60 +704,32 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokeniz
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if stop is not None and tokenizer is None:
         raise ValueError("stop needs the tokenizer (to decode each row's text)")
-    config, n = model.config, len(prompts)
+    n = len(prompts)
     live = [r for r in range(n) if prompts[r] is not None]
     longest = max(len(prompts[r]) for r in live) + max_new_tokens
-    if longest > config.block_size:
+    if longest > model.config.block_size:
         raise ValueError(f"a prompt and its {max_new_tokens} new tokens need {longest} positions; "
-                         f"the model has {config.block_size}")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+                         f"the model has {model.config.block_size}")
     model.eval()
-    held = memory.get("ids") if memory is not None else None
-    if held is not None and len(held) != n:
-        raise ValueError(f"memory holds {len(held)} rows, but {n} prompts were given")
-    if held is None:
-        cache = RaggedKVCache(config.n_layer, n, config.n_kv_head, config.head_size, config.block_size,
-                              dtype=dtype, device=device)
-        held = [[] for _ in range(n)]
-        first = [prompts[r] for r in live]
-        shared = min(common_prefix(first), min(map(len, first)) - 1)   # leaving each row >= 1 token
-        if shared:
-            one = RaggedKVCache(config.n_layer, 1, config.n_kv_head, config.head_size, shared,
-                                dtype=dtype, device=device)
-            llama_step(model, [first[0][:shared]], one)
-            k, v = one.get(0)
-            for r in live:
-                cache.put(r, k, v)
-                held[r] = list(first[0][:shared])
-    else:
-        cache = memory["cache"]
-    cache.reserve(longest)
-    chunks = [[] for _ in range(n)]
-    for r in live:                               # each row reads its prompt from where it departs
-        same = min(common_prefix([held[r], prompts[r]]), len(prompts[r]) - 1)
-        cache.lengths[r] = same
-        held[r] = list(prompts[r])
-        chunks[r] = list(prompts[r][same:])
+    cache, held, chunks = _batch_cache(model, prompts, live, memory, longest)
     new = [[] for _ in range(n)]
     running = [r in live for r in range(n)]
     stop_ids = set(stop_ids)
     for _ in range(max_new_tokens):
-        logits = llama_step(model, chunks, cache)                          # (n, V)
+        tokens = sample_next(llama_step(model, chunks, cache), temperature=0)[:, 0].tolist()   # (n,)
         chunks = [[] for _ in range(n)]
         for r in range(n):
             if not running[r]:
                 continue
-            token = int(logits[r].argmax())
-            if token in stop_ids:
+            if tokens[r] in stop_ids:
                 running[r] = False
                 continue
-            new[r].append(token)
+            new[r].append(tokens[r])
             if stop is not None and stop in tokenizer.decode(new[r]):
                 running[r] = False
             elif len(new[r]) < max_new_tokens:
-                chunks[r] = [token]
-                held[r].append(token)
+                chunks[r] = [tokens[r]]
+                held[r].append(tokens[r])
             else:
                 running[r] = False
         if not any(chunks):
@@ -753,3 +737,43 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids=(), stop=None, tokeniz
     if memory is not None:
         memory["cache"], memory["ids"] = cache, held
     return new
+
+
+def _batch_cache(model, prompts, live, memory, longest):
+    """greedy_batch's RaggedKVCache (room for `longest` tokens a row), the tokens
+    each row holds, and the chunk of its prompt each row reads first: from
+    where the prompt departs from what the row holds (memory's tokens, or the
+    live prompts' longest common beginning, read once in one row and copied)."""
+    from .batching import common_prefix
+    held = memory.get("ids") if memory is not None else None
+    if held is not None and len(held) != len(prompts):
+        raise ValueError(f"memory holds {len(held)} rows, but {len(prompts)} prompts were given")
+    cache, held = (memory["cache"], held) if held is not None else _shared_prefix_cache(model, prompts, live)
+    cache.reserve(longest)
+    chunks = [[] for _ in prompts]
+    for r in live:
+        same = min(common_prefix([held[r], prompts[r]]), len(prompts[r]) - 1)
+        cache.lengths[r] = same
+        held[r] = list(prompts[r])
+        chunks[r] = list(prompts[r][same:])
+    return cache, held, chunks
+
+
+def _shared_prefix_cache(model, prompts, live):
+    from .batching import RaggedKVCache, common_prefix, llama_step
+    config, n = model.config, len(prompts)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    cache = RaggedKVCache(config.n_layer, n, config.n_kv_head, config.head_size, config.block_size,
+                          dtype=dtype, device=device)
+    held = [[] for _ in range(n)]
+    first = [prompts[r] for r in live]
+    shared = min(common_prefix(first), min(map(len, first)) - 1)   # leaving each row >= 1 token
+    if shared:
+        one = RaggedKVCache(config.n_layer, 1, config.n_kv_head, config.head_size, shared,
+                            dtype=dtype, device=device)
+        llama_step(model, [first[0][:shared]], one)
+        k, v = one.get(0)
+        for r in live:
+            cache.put(r, k, v)
+            held[r] = list(first[0][:shared])
+    return cache, held
