@@ -9,6 +9,8 @@ GPTConfig(causal=False).
 """
 import torch
 
+from .sampling import evaluating
+
 IGNORE = -100          # targets with this value do not count in the loss
 
 
@@ -40,8 +42,6 @@ def fill_in(model, idx, mask_id):
     """Replace every mask_id in idx (B, T) by the model's most likely token."""
     if model.config.causal:
         raise ValueError("fill_in needs a bidirectional model (GPTConfig(causal=False))")
-    was_training = model.training
-    model.eval()
-    logits, _ = model(idx)
-    model.train(was_training)
+    with evaluating(model):
+        logits, _ = model(idx)
     return torch.where(idx == mask_id, logits.argmax(-1), idx)
