@@ -213,20 +213,8 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
         for step in range(1, max_new_tokens + 1):
             window = beams if block_size is None else beams[:, -block_size:]
             logits = model(window)[0][:, -1, :]                              # (K, V)
-            logp = torch.log_softmax(logits.double(), dim=-1)
-            total = (scores[:, None] + logp).flatten()                       # (K * V,)
-            V = logp.shape[-1]
-            # 2 * beam_width candidates: even if all the eos ones leave, beam_width stay
-            top = torch.topk(total, min(2 * beam_width, total.numel())).indices
-            keep_rows, keep_scores = [], []
-            for flat in top.tolist():
-                row, token = divmod(flat, V)
-                ids = torch.cat([beams[row], beams.new_tensor([token])])
-                if eos_id is not None and token == eos_id:
-                    finished.append((rank(total[flat].item(), step), total[flat].item(), ids[None]))
-                elif len(keep_rows) < beam_width:
-                    keep_rows.append(ids)
-                    keep_scores.append(total[flat])
+            keep_rows, keep_scores, ended = _extend_beams(beams, scores, logits, beam_width, eos_id)
+            finished += [(rank(score, step), score, ids) for score, ids in ended]
             if not keep_rows:
                 break
             beams, scores = torch.stack(keep_rows), torch.stack(keep_scores)
@@ -240,6 +228,27 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
             model.train(was_training)
     best = max(candidates, key=lambda c: c[0])
     return best[2], best[1]
+
+
+def _extend_beams(beams, scores, logits, beam_width, eos_id):
+    """One step of beam_search: every beam (K, t) extended by every token.
+    Returns the beam_width best continuations that go on (rows and their
+    summed log-probs) and those that end with eos_id, as (score, ids (1, t + 1))."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    total = (scores[:, None] + logp).flatten()                       # (K * V,)
+    V = logp.shape[-1]
+    # 2 * beam_width candidates: even if all the eos ones leave, beam_width stay
+    top = torch.topk(total, min(2 * beam_width, total.numel())).indices
+    keep_rows, keep_scores, ended = [], [], []
+    for flat in top.tolist():
+        row, token = divmod(flat, V)
+        ids = torch.cat([beams[row], beams.new_tensor([token])])
+        if eos_id is not None and token == eos_id:
+            ended.append((total[flat].item(), ids[None]))
+        elif len(keep_rows) < beam_width:
+            keep_rows.append(ids)
+            keep_scores.append(total[flat])
+    return keep_rows, keep_scores, ended
 
 
 # ----------------------------------------------------------------------------
