@@ -20,6 +20,15 @@ from .positional import LearnedPositionalEmbedding
 from .sampling import decode, evaluating, model_step
 
 
+def check_sizes(config, names):
+    """Raise ValueError naming the first of config's fields `names` that is not a
+    positive integer (GPTConfig's and gptcourse.llama.LlamaConfig's sizes)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 64        # context length: the most positions the model sees
@@ -33,10 +42,7 @@ class GPTConfig:
     causal: bool = True         # False: every position sees every other (BERT, see gptcourse.bert)
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        check_sizes(self, ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.gelu not in ("none", "tanh"):

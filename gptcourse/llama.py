@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import causal_mask, scaled_dot_product_attention
-from .gpt import GPT, check_forward_inputs
+from .gpt import GPT, check_forward_inputs, check_sizes
 from .sampling import decode, model_step
 
 
@@ -53,10 +53,7 @@ class LlamaConfig:
                                  # and asks, as GPTConfig.causal (a GPT can be a BERT)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        check_sizes(self, ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size"))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:

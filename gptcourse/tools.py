@@ -435,11 +435,15 @@ def tool_result(call_text, tools):
         return f"error: {message}"
 
 
-def sanitize_result(text, tokenizer, max_chars=40):
+def sanitize_result(text, tokenizer=None, max_chars=40):
     """Tool output as the model may see it: one line, no '[', ']', '<', '>'
     (so a result can never close its brackets or open a call of its own),
-    only characters the tokenizer knows, at most max_chars."""
-    safe = "".join(c if c in tokenizer.stoi and c not in "[]<>\n" else "?" for c in str(text))
+    at most max_chars. tokenizer: a character-level model's, whose unknown
+    characters become '?' too; None: a chat model's rule, which also drops
+    '|' and '\\r' (no special-token markup such as <|im_end|>)."""
+    banned = "[]<>\n" if tokenizer is not None else "[]<>|\n\r"
+    safe = "".join("?" if c in banned or (tokenizer is not None and c not in tokenizer.stoi) else c
+                   for c in str(text))
     return safe if len(safe) <= max_chars else safe[:max_chars - 3] + "..."
 
 
@@ -584,11 +588,8 @@ CHAT_TOOL_EXAMPLES = [
 
 
 def _clean_result(text, max_chars=40):
-    """A tool result as a chat model may read it: one line, no brackets or
-    angle brackets (it cannot close its own brackets or open a call), no
-    special-token markup, at most max_chars characters."""
-    safe = "".join("?" if c in "[]<>|\n\r" else c for c in str(text))
-    return safe if len(safe) <= max_chars else safe[:max_chars - 3] + "..."
+    """A tool result as a chat model may read it: sanitize_result's chat rule."""
+    return sanitize_result(text, None, max_chars)
 
 
 @torch.no_grad()
@@ -648,7 +649,7 @@ def chat_tool_loop(model, tokenizer, messages, tools=None, *, use_tools=True, ma
         call_start, turn = None, turn[:call_start] + call
         if _one_call_too_many(run, call, max_calls):
             return run
-        turn += run.called(call, "[" + _clean_result(tool_result(call.strip(), tools)) + "]")
+        turn += run.called(call, "[" + sanitize_result(tool_result(call.strip(), tools)) + "]")
         # the turn so far as text (the result holds no markup), encoded
         ids = prompt_ids + tokenizer.encode(turn, allow_special=False)
         steps, read = _go_on(model, step, read, ids, max_new_tokens - written, device), ids
