@@ -19,7 +19,9 @@ The models and ideas, one flat module each, in the order of the book:
     gguf         reading a real model (SmolLM2) from its GGUF file into `llama`
     chat         chat transcripts (the course's format and ChatML), reply, the course model
     batching     continuous batching: the ragged KV cache and step, the prefix cache (chapter 16)
-    tools        tool calling: a call syntax, its parser, safe tools, the tool loop
+    tools        tool calling: the tool loop, for a small GPT and for a chat model
+    calculator   the safe tool (never eval), the call syntax and its parser
+    tool_task    chapter 17's arithmetic questions and the small tool-calling GPT
   Shared by every part
     train        one training loop: device pick, seeding, AdamW, progress bar
     viz          the figures the chapters share
