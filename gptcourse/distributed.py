@@ -162,6 +162,98 @@ def load_checkpoint(path):
 # the training run
 # ----------------------------------------------------------------------------
 
+def _settings_for(settings, ckpt, resume):
+    """The run's settings: the checkpoint's when resuming (given ones must be the same)."""
+    if ckpt is None:
+        return settings or Settings()
+    saved = Settings(**ckpt["settings"])
+    if settings is not None and settings != saved:
+        diff = {f.name: (getattr(settings, f.name), getattr(saved, f.name)) for f in fields(Settings)
+                if getattr(settings, f.name) != getattr(saved, f.name)}
+        raise ValueError(f"settings differ from the checkpoint's {resume} (given, saved): {diff}")
+    return saved
+
+
+def _restore(ckpt, model, optimizer, scaler, train_gen, eval_data, rank, device):
+    """Put a checkpoint's weights, optimizer, data streams and this rank's RNG state
+    back; returns (history, step)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    train_gen.set_state(ckpt["data"]["train"])
+    for split, gen in eval_data.generators.items():
+        gen.set_state(ckpt["data"]["eval_" + split])
+    if rank < len(ckpt["rng"]):           # resumed on as many ranks or more: rank r's own state
+        _set_rng_state(ckpt["rng"][rank], device)
+    return History(**ckpt["history"]), ckpt["step"]
+
+
+def _gather_rng_states(world, device):
+    """Every rank's RNG state, gathered on all ranks (a list, one per rank)."""
+    if world == 1:
+        return [_rng_state(device)]
+    rngs = [None] * world
+    dist.all_gather_object(rngs, _rng_state(device))
+    return rngs
+
+
+@dataclass
+class _Run:
+    """What one rank's training holds: the model and its optimizer, the data
+    streams, the history so far and the step it starts after."""
+    config: GPTConfig
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: object                            # a GradScaler (CUDA float16) or None
+    ctx: object                               # the autocast context of the device
+    train_data: torch.Tensor
+    train_gen: torch.Generator
+    eval_data: object                         # lm_batches(...): evaluation batches and their generators
+    history: History
+    start: int = 0
+
+
+def _start(s, rank, device, ckpt):
+    """Build the run of settings s on this rank, from a checkpoint when resuming."""
+    text = load_corpus(s.corpus)
+    tok = CharTokenizer(text)
+    train_data, val_data = train_val_split(torch.tensor(tok.encode(text)))
+    config = GPTConfig.from_name(s.model, vocab_size=tok.vocab_size, block_size=s.block_size,
+                                 dropout=s.dropout)
+    seed_everything(s.seed)
+    model = GPT(config)                       # the same initial weights on every rank
+    seed_everything(s.seed + rank)            # dropout: each rank its own stream
+    model.to(device)
+    optimizer = make_optimizer(model, s.lr, s.weight_decay, device=device)
+    ctx, use_scaler = autocast_for(device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    train_gen = torch.Generator().manual_seed(s.seed)          # identical on every rank
+    eval_data = lm_batches(train_data, val_data, s.block_size, s.batch_size, s.seed + 1)
+    run = _Run(config, model, optimizer, scaler, ctx, train_data, train_gen, eval_data, History())
+    if ckpt is not None:
+        run.history, run.start = _restore(ckpt, model, optimizer, scaler, train_gen, eval_data, rank, device)
+    return run
+
+
+def _evaluate(run, s, device, step):
+    """Rank 0: the losses on the training and validation text, into the history."""
+    losses = estimate_loss(run.model, run.eval_data, eval_batches=s.eval_batches, device=device)
+    run.history.eval_steps.append(step)
+    run.history.train_loss.append(losses["train"])
+    run.history.val_loss.append(losses["val"])
+
+
+def _checkpoint_state(run, s, step, world, device):
+    """Everything a resumed run needs, every rank's RNG state included."""
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "step": step, "settings": asdict(s), "config": asdict(run.config),
+            "history": asdict(run.history), "world_size": world, "rng": _gather_rng_states(world, device),
+            "data": {"train": run.train_gen.get_state(),
+                     **{"eval_" + k: g.get_state() for k, g in run.eval_data.generators.items()}}}
+
+
 def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=None,
               stop_at=None, compile=False, progress=True):
     """Train on every rank of the running process group (or alone); returns
@@ -177,98 +269,41 @@ def train_ddp(settings=None, *, device=None, out_dir=None, ckpt_every=0, resume=
     rank, world = rank_and_world()
     device = pick_device(device)
     ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None:
-        saved = Settings(**ckpt["settings"])
-        if settings is not None and settings != saved:
-            diff = {f.name: (getattr(settings, f.name), getattr(saved, f.name)) for f in fields(Settings)
-                    if getattr(settings, f.name) != getattr(saved, f.name)}
-            raise ValueError(f"settings differ from the checkpoint's {resume} (given, saved): {diff}")
-        settings = saved
-    s = settings or Settings()
+    s = _settings_for(settings, ckpt, resume)
     if s.batch_size % world:
         raise ValueError(f"the global batch_size={s.batch_size} must be divisible by "
                          f"the number of processes world_size={world}")
-
-    text = load_corpus(s.corpus)
-    tok = CharTokenizer(text)
-    train_data, val_data = train_val_split(torch.tensor(tok.encode(text)))
-    config = GPTConfig.from_name(s.model, vocab_size=tok.vocab_size, block_size=s.block_size,
-                                 dropout=s.dropout)
-    seed_everything(s.seed)
-    model = GPT(config)                       # the same initial weights on every rank
-    seed_everything(s.seed + rank)            # dropout: each rank its own stream
-    model.to(device)
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, device=device)
-    ctx, use_scaler = autocast_for(device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    train_gen = torch.Generator().manual_seed(s.seed)          # identical on every rank
-    eval_data = lm_batches(train_data, val_data, s.block_size, s.batch_size, s.seed + 1)
-    history, start = History(), 0
-
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        train_gen.set_state(ckpt["data"]["train"])
-        for split, gen in eval_data.generators.items():
-            gen.set_state(ckpt["data"]["eval_" + split])
-        if rank < len(ckpt["rng"]):       # resumed on as many ranks or more: rank r's own state
-            _set_rng_state(ckpt["rng"][rank], device)
-        history, start = History(**ckpt["history"]), ckpt["step"]
-
-    net = compiled(model, compile)
+    run = _start(s, rank, device, ckpt)
+    history = run.history
+    net = compiled(run.model, compile)
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-
     eval_every = s.eval_every or max(1, s.steps // 10)
     end = min(s.steps, stop_at) if stop_at else s.steps
 
-    def evaluate(step):
-        if rank == 0:
-            losses = estimate_loss(model, eval_data, eval_batches=s.eval_batches, device=device)
-            history.eval_steps.append(step)
-            history.train_loss.append(losses["train"])
-            history.val_loss.append(losses["val"])
-
-    def checkpoint(step):
-        rngs = [None] * world                 # every rank's RNG state, gathered on all ranks
-        if world > 1:
-            dist.all_gather_object(rngs, _rng_state(device))
-        else:
-            rngs = [_rng_state(device)]
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "step": step, "settings": asdict(s), "config": asdict(config),
-                 "history": asdict(history), "world_size": world, "rng": rngs,
-                 "data": {"train": train_gen.get_state(),
-                          **{"eval_" + k: g.get_state() for k, g in eval_data.generators.items()}}}
-        save_checkpoint(Path(out_dir) / "ckpt.pt", state, rank)
-
-    if start == 0:
-        evaluate(0)
-    model.train()
-    bar = tqdm(range(start + 1, end + 1), desc=f"training on {world} process{'es' * (world > 1)}",
+    if run.start == 0 and rank == 0:
+        _evaluate(run, s, device, 0)
+    run.model.train()
+    bar = tqdm(range(run.start + 1, end + 1), desc=f"training on {world} process{'es' * (world > 1)}",
                disable=not progress or rank != 0, mininterval=0.5)
     for step in bar:
         lr = learning_rate(step, s.steps, s.lr, s.warmup_steps, s.min_lr)
-        batch = shard_batch(train_data, s.block_size, s.batch_size, train_gen, rank, world, device)
-        loss = training_step(net, optimizer, batch, lr, ctx=ctx, scaler=scaler,
+        batch = shard_batch(run.train_data, s.block_size, s.batch_size, run.train_gen, rank, world, device)
+        loss = training_step(net, run.optimizer, batch, lr, ctx=run.ctx, scaler=run.scaler,
                              grad_clip=s.grad_clip).detach()
         if world > 1:                         # the loss on the global batch, for the log
             dist.all_reduce(loss)
             loss /= world
         history.step_loss.append(loss.item())
         history.lr.append(lr)
-        if step % eval_every == 0 or step == s.steps:
-            evaluate(step)
-            if rank == 0:
-                bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
+        if (step % eval_every == 0 or step == s.steps) and rank == 0:
+            _evaluate(run, s, device, step)
+            bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
         if out_dir and ((ckpt_every and step % ckpt_every == 0) or step == end):
-            checkpoint(step)
+            save_checkpoint(Path(out_dir) / "ckpt.pt", _checkpoint_state(run, s, step, world, device), rank)
     if out_dir and rank == 0:
         (Path(out_dir) / "history.json").write_text(json.dumps(asdict(history)))
-    model.eval()
+    run.model.eval()
     return history
 
 
