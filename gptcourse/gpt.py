@@ -38,15 +38,17 @@ class GPTConfig:
     n_embd: int = 128           # d_model, C
     dropout: float = 0.0
     bias: bool = True           # biases in Linear and LayerNorm (GPT-2: True)
-    gelu: str = "none"          # "tanh": GPT-2's tanh approximation of GELU ("gelu_new")
+    gelu: str = "exact"         # "exact": GELU with erf; "tanh": GPT-2's tanh approximation ("gelu_new")
     causal: bool = True         # False: every position sees every other (BERT, see gptcourse.bert)
 
     def __post_init__(self):
         check_sizes(self, ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.gelu not in ("none", "tanh"):
-            raise ValueError(f"GPTConfig.gelu must be 'none' or 'tanh', got {self.gelu!r}")
+        if self.gelu == "none":                 # the name PyTorch's F.gelu gives the exact form
+            object.__setattr__(self, "gelu", "exact")
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"GPTConfig.gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -112,10 +114,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.gelu = config.gelu
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"      # F.gelu's own names
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.gelu)))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
