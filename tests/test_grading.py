@@ -404,7 +404,7 @@ def test_endless_loop_hits_the_time_limit(monkeypatch):
             pass
     exercise = EXERCISES["sdpa"]
     inputs = grading.case_inputs(exercise, 5)
-    result = grading.evaluate(exercise, grading.run_cases(exercise, forever, inputs, 0.5), inputs)
+    result = grading.score(exercise, grading.run_cases(exercise, forever, inputs, 0.5), inputs)
     assert result["points"] == 0
     assert "did not return within 0.5 s" in result["tests"][0]["message"]
     assert "not run" in result["tests"][1]["message"]

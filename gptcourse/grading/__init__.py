@@ -58,7 +58,7 @@ The package, module by module, in the order a submission meets them:
     exercises/   the graded functions: references, test cases, usual mistakes and
                  their hints, what the student may not call (one module per part
                  of the book; EXERCISES is all of them)
-    judge        compare outputs, evaluate them into points and hints; check() and
+    judge        compare outputs, score them into points and hints; check() and
                  grade() for students
     monitor      check()'s call monitor in the student's kernel (time limit,
                  forbidden calls, the grader's namespaces watched)
@@ -75,11 +75,11 @@ from .batch import (FORMULA_START, UNAVAILABLE, WORKER_FILE, csv_safe, display_n
                     judge_record, main, make_job, make_stub_dir, read_records, read_submission, result_cap, ungraded)
 from .batch import _write_atomically  # noqa: F401  (gptcourse.grading._write_atomically, as before the split)
 from .exercises import EXERCISES, selected_exercises
-from .judge import case_inputs, check, compare, evaluate, format_result, fresh_seed, grade, grader_note, run_cases
+from .judge import case_inputs, check, compare, format_result, fresh_seed, grade, grader_note, run_cases, score
 from .monitor import TIME_LIMIT_S, ForbiddenCall, TimeLimit, call_guarded
 
 __all__ = ["FORMULA_START", "UNAVAILABLE", "WORKER_FILE", "csv_safe", "display_name",
            "grade_folder", "grade_one", "judge_record", "main", "make_job", "make_stub_dir", "read_records",
            "read_submission", "result_cap", "ungraded", "EXERCISES", "selected_exercises", "case_inputs",
-           "check", "compare", "evaluate", "format_result", "fresh_seed", "grade", "grader_note", "run_cases",
+           "check", "compare", "score", "format_result", "fresh_seed", "grade", "grader_note", "run_cases",
            "TIME_LIMIT_S", "ForbiddenCall", "TimeLimit", "call_guarded"]

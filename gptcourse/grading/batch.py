@@ -28,7 +28,7 @@ import sys
 import torch
 
 from .exercises import selected_exercises
-from .judge import case_inputs, evaluate, fresh_seed
+from .judge import case_inputs, fresh_seed, score
 from .monitor import TIME_LIMIT_S
 from .sandbox import WORKER_NAME
 
@@ -143,7 +143,7 @@ def ungraded(name, status, sandbox=True, notebook=None):
     """The report of a submission that earns nothing, with the reason as its status."""
     EXERCISES = selected_exercises(notebook)
     return {"student": name, "status": status, "sandbox": _sandbox_label(sandbox),
-            "exercises": {k: evaluate(e, [("error", status)] * len(e.cases), [()] * len(e.cases))
+            "exercises": {k: score(e, [("error", status)] * len(e.cases), [()] * len(e.cases))
                           for k, e in EXERCISES.items()}}
 
 
@@ -184,7 +184,7 @@ def _grade_one(name, nb_text, seed, timeout_s, memory_mb, notebook, cell_timeout
                 [("error", report["status"])] * n
         report["limits"] = run["limits"]
     for key, exercise in EXERCISES.items():
-        report["exercises"][key] = evaluate(exercise, outcomes[key], inputs[key])
+        report["exercises"][key] = score(exercise, outcomes[key], inputs[key])
     return report
 
 

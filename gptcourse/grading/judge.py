@@ -1,10 +1,10 @@
 """The judge: a student's outputs against the reference, turned into points, messages and hints.
 
     compare(got, expected) -> None or a reason     what "the same answer" means
-    evaluate(exercise, outcomes, inputs) -> dict   points, one message per test, hints
+    score(exercise, outcomes, inputs) -> dict      points, one message per test, hints
     grade(key, fn) -> dict; check(key, fn)         the student's own check, in the notebook
 
-evaluate() runs only the reference and the known mistakes, never student code:
+score() runs only the reference and the known mistakes, never student code:
 batch grading (gptcourse.grading.batch) hands it the outputs its sandboxed
 worker sent back, check() the outputs of calls made here under the call monitor
 (gptcourse.grading.monitor). Every student gets fresh inputs from a seed nobody
@@ -102,7 +102,7 @@ def case_inputs(exercise, seed):
     return [case.make(torch.Generator().manual_seed(seed + i)) for i, case in enumerate(exercise.cases)]
 
 
-def evaluate(exercise, outcomes, inputs):
+def score(exercise, outcomes, inputs):
     """Turn the student's outcomes (one (status, value) per case) into a result.
 
     Runs only the reference and the known mistakes: never student code.
@@ -192,7 +192,7 @@ def grade(key, fn, seed=None):
         outcomes = [("error", f"{fn!r} is not a function")] * len(inputs)
     else:
         outcomes = run_cases(exercise, fn, inputs)
-    return evaluate(exercise, outcomes, inputs)
+    return score(exercise, outcomes, inputs)
 
 
 def check(key, fn):
