@@ -76,7 +76,7 @@ from .prompt import (TOOLS_PROMPT, TURN_STOPS, PreparedRequest, chat_messages, c
 from .protocol import (ERROR_TYPES, MAX_STOP_CHARS, MAX_STOP_STRINGS, APIError, AssistantMessage,
                        ChatCompletionRequest, Content, DeveloperMessage, FunctionCall, FunctionDefinition, Message,
                        NamedFunction, NamedToolChoice, ResponseFormat, StreamOptions, SystemMessage, TextPart,
-                       Tool, ToolCall, ToolMessage, UserMessage, error_body, parse_request)
+                       ToolDefinition, AssistantToolCall, ToolMessage, UserMessage, error_body, parse_request)
 from .runner import LlamaBatch, WindowBatch, make_batch
 from .server import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, MAX_CONTEXT, MAX_TOKENS_CAP, ChatServer, check_bind,
                      is_loopback, serve)
@@ -87,7 +87,7 @@ __all__ = ["APIError", "AssistantMessage", "ChatCompletionRequest", "ChatServer"
            "LlamaBatch", "MAX_BODY_BYTES", "MAX_CONTEXT", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TOKENS_CAP",
            "Message", "NamedFunction", "NamedToolChoice", "PreparedRequest", "ResponseFormat", "SamplingParams",
            "Sequence", "StopMatcher", "StreamOptions", "SystemMessage", "TOOLS_PROMPT", "TURN_STOPS", "TextOutput",
-           "TextPart", "Tool", "ToolCall", "ToolMessage", "UserMessage", "WindowBatch", "assistant_message",
+           "TextPart", "ToolDefinition", "AssistantToolCall", "ToolMessage", "UserMessage", "WindowBatch", "assistant_message",
            "build_app", "chat_messages", "check_bind", "completion_budget", "error_body", "is_loopback",
            "load_checkpoint", "logprob_entry", "main", "make_batch", "offered_tools", "parse_request",
            "parse_tool_calls", "positive_int", "prepare", "read_api_key", "save_checkpoint", "serve",

@@ -73,7 +73,7 @@ class FunctionCall(_Strict):
     arguments: str
 
 
-class ToolCall(_Strict):
+class AssistantToolCall(_Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -100,7 +100,7 @@ class UserMessage(_Strict):
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: Optional[Content] = None
-    tool_calls: Optional[List[ToolCall]] = None
+    tool_calls: Optional[List[AssistantToolCall]] = None
     name: Optional[str] = None
     refusal: Optional[str] = None
 
@@ -122,7 +122,7 @@ class FunctionDefinition(_Strict):
     strict: Optional[bool] = None
 
 
-class Tool(_Strict):
+class ToolDefinition(_Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
@@ -164,7 +164,7 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     logit_bias: Optional[Dict[str, float]] = None
-    tools: Optional[List[Tool]] = Field(None, max_length=128)
+    tools: Optional[List[ToolDefinition]] = Field(None, max_length=128)
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
