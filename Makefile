@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make book   builds the HTML book into _build/html, executing every chapter (cached)
+#   make book   builds the HTML book into _build/html from the notebooks' stored outputs
+#               (make book-execute: every chapter executed again, with the cache)
 #   make test   runs every test: library, notebooks (nbval, strict), the built pages in Chromium
 # Each installs what it needs into .venv (Python) and book_static/ (MathJax, widget scripts).
 
@@ -13,10 +14,19 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama clean fork
+.PHONY: book book-execute test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama clean fork
 
 book: install assets
 	$(JB)
+
+# The same book with every chapter executed again (jupyter-cache: a chapter whose
+# code has not changed since its last run is not run again): _config.yml with
+# execute_notebooks: cache, written to _build/ and passed with --config.
+book-execute: install assets
+	@mkdir -p _build
+	$(BIN)/python -c "import yaml; c = yaml.safe_load(open('_config.yml')); \
+	  c['execute']['execute_notebooks'] = 'cache'; yaml.safe_dump(c, open('_build/config-execute.yml', 'w'))"
+	$(JB) --config _build/config-execute.yml
 
 # The chapters run in tests/test_colab.py, each once, as Colab runs them (a fresh
 # environment, gptcourse installed by the first cell) under nbval, strict; the
