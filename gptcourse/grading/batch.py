@@ -192,13 +192,12 @@ def _refused(rooms, inputs):
     """{key: outcomes} of the exercises the clean room refuses: none of their code runs."""
     outcomes = {}
     for key, room in rooms.items():
-        n = len(inputs[key])
-        if room.forbidden:
-            outcomes[key] = [("forbidden", f"uses {room.forbidden}, which this exercise asks you to write "
-                                           "yourself")] * n
-        elif room.problem:
-            outcomes[key] = [("error", room.problem if room.problem.startswith("no function named")
-                              else f"not run: {room.problem}")] * n
+        refusal = room.refusal()
+        if refusal is not None:
+            status, why = refusal
+            if status == "error" and not why.startswith("no function named"):
+                why = f"not run: {why}"
+            outcomes[key] = [(status, why)] * len(inputs[key])
     return outcomes
 
 

@@ -81,6 +81,15 @@ class CleanRoom:
     forbidden: str = None
     statements: list = field(default_factory=list)      # (code cell, line) of each kept statement
 
+    def refusal(self):
+        """None when the program may run; else (status, why): ("forbidden", ...) when it
+        names the ready-made implementation, ("error", problem) when it is refused."""
+        if self.forbidden:
+            return "forbidden", f"uses {self.forbidden}, which this exercise asks you to write yourself"
+        if self.problem:
+            return "error", self.problem
+        return None
+
 
 @dataclass
 class _Info:

@@ -224,15 +224,11 @@ def grader_note(exercise, cells=None):
             cells = []
     if not cells:
         return None
-    room = clean_room(cells, exercise.function, exercise.forbidden_ops)
-    where = "the batch grader"
-    if room.forbidden:
-        why = f"uses {room.forbidden}, which this exercise asks you to write yourself"
-    elif room.problem:
-        why = room.problem
-    else:
+    refusal = clean_room(cells, exercise.function, exercise.forbidden_ops).refusal()
+    if refusal is None:
         return None
+    why = refusal[1]
     if history:                                     # history entries are numbered as In [N]
         import re
         why = re.sub(r"code cell (\d+)", r"In [\1]", why)
-    return f"Note: {where} would not run {exercise.function} as it stands: {why}."
+    return f"Note: the batch grader would not run {exercise.function} as it stands: {why}."

@@ -39,6 +39,7 @@ result channel is read up to `result_cap` bytes.
 With sandbox=False (the instructor's explicit --unsafe-no-sandbox) the worker
 runs as a plain child process with the same limits where possible.
 """
+import functools
 import os
 import shutil
 import signal
@@ -75,15 +76,9 @@ def check_bwrap():
     bwrap = find_bwrap()
     program = seccomp_filter()
     cmd = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
-           "--new-session", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
-    for link in ("/bin", "/lib", "/lib64"):
-        if os.path.islink(link):
-            cmd += ["--symlink", os.readlink(link), link]
-        elif os.path.isdir(link):
-            cmd += ["--ro-bind", link, link]
-    filter_r, filter_w = os.pipe()
-    os.write(filter_w, program)
-    os.close(filter_w)
+           "--new-session", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev",
+           *_system_binds(("/bin", "/lib", "/lib64"))]
+    filter_r = _pipe_holding(program)
     try:
         run = subprocess.run(cmd + ["--seccomp", str(filter_r), "true"], capture_output=True, text=True,
                              timeout=60, pass_fds=(filter_r,))
@@ -113,13 +108,34 @@ DENIED_SYSCALLS = (
 CLONE_THREAD = 0x00010000
 
 
+def _system_binds(folders):
+    """bwrap arguments that show these system folders read-only (a symbolic link,
+    as /bin -> usr/bin on merged-/usr systems, stays a link)."""
+    args = []
+    for folder in folders:
+        if os.path.islink(folder):
+            args += ["--symlink", os.readlink(folder), folder]
+        elif os.path.isdir(folder):
+            args += ["--ro-bind", folder, folder]
+    return args
+
+
+def _pipe_holding(data):
+    """The read end of a pipe that holds `data` (small: the seccomp program) and then ends."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    return read_end
+
+
+@functools.lru_cache(maxsize=1)
 def seccomp_filter():
     """The compiled seccomp filter (a BPF program, bytes) that bubblewrap loads with
     --seccomp before it starts the worker: DENIED_SYSCALLS fail with EPERM, clone
     fails unless it makes a thread (CLONE_THREAD), and clone3 reports ENOSYS (its
     flags sit in memory a filter cannot read; the C library then uses clone).
     Other architectures' system calls kill the process (libseccomp's default).
-    Raises SandboxUnavailable without libseccomp."""
+    Built once per process. Raises SandboxUnavailable without libseccomp."""
     import errno
     import tempfile
     try:
@@ -173,12 +189,7 @@ def bwrap_command(bwrap, stub_dir, memory_mb, tmp_mb=256, seccomp_fd=None):
     each); the root and /dev (five device nodes, no /dev/shm) are read-only."""
     cmd = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
            "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
-           "--ro-bind", "/usr", "/usr"]
-    for link in ("/bin", "/lib", "/lib64", "/sbin"):
-        if os.path.islink(link):
-            cmd += ["--symlink", os.readlink(link), link]
-        elif os.path.isdir(link):
-            cmd += ["--ro-bind", link, link]
+           "--ro-bind", "/usr", "/usr", *_system_binds(("/bin", "/lib", "/lib64", "/sbin"))]
     for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime"):
         if os.path.exists(path):
             cmd += ["--ro-bind", path, path]
@@ -250,9 +261,7 @@ def _run(stub_dir, job, timeout_s, memory_mb, sandbox, tmp_mb, cg, result_cap):
     job = job.replace(b'"result_fd": -1', f'"result_fd": {result_w}'.encode(), 1)
     passed = [result_w]
     if sandbox:
-        filter_r, filter_w = os.pipe()                 # the seccomp program, read by bwrap
-        os.write(filter_w, seccomp_filter())
-        os.close(filter_w)
+        filter_r = _pipe_holding(seccomp_filter())     # the seccomp program, read by bwrap
         passed.append(filter_r)
         cmd = bwrap_command(find_bwrap(), stub_dir, memory_mb, tmp_mb, seccomp_fd=filter_r)
     else:

@@ -87,9 +87,9 @@ def safe_builtins(blocked, allowed_modules):
             raise ImportError(f"graded code may not import {name}")
         module = real_import(name, globals, locals, fromlist, level)
         for item in fromlist or ():                 # `from torch import serialization`: a module not allowed
-            value = getattr(module, item, None)
-            if isinstance(value, type(sys)) and getattr(value, "__name__", None) not in allowed_modules:
-                raise ImportError(f"graded code may not import the module {value.__name__}")
+            foreign = _foreign_module(getattr(module, item, None), allowed_modules)
+            if foreign:
+                raise ImportError(f"graded code may not import the module {foreign}")
         return module
     table = {k: v for k, v in builtins.__dict__.items() if k not in blocked and not k.startswith("_")}
     table.update(__build_class__=builtins.__build_class__, __import__=restricted_import, __name__="builtins",
@@ -101,17 +101,25 @@ def guarded_getattr(allowed_modules):
     """The attribute read of graded code (cleanroom rewrites `obj.name` into a call
     of this): it refuses to read from a module outside the allowed ones, or to hand
     one out, so torch.os, fractions.sys and the like stay out of reach."""
-    module_type = type(sys)
     real_getattr = getattr
 
     def attr(obj, name):
-        if isinstance(obj, module_type) and real_getattr(obj, "__name__", None) not in allowed_modules:
-            raise AttributeError(f"graded code may not use the module {obj.__name__}")
-        value = real_getattr(obj, name)
-        if isinstance(value, module_type) and real_getattr(value, "__name__", None) not in allowed_modules:
-            raise AttributeError(f"graded code may not use the module {real_getattr(value, '__name__', '?')}")
-        return value
+        foreign = _foreign_module(obj, allowed_modules)
+        if not foreign:
+            obj = real_getattr(obj, name)
+            foreign = _foreign_module(obj, allowed_modules)
+        if foreign:
+            raise AttributeError(f"graded code may not use the module {foreign}")
+        return obj
     return attr
+
+
+def _foreign_module(value, allowed_modules):
+    """The name of `value` when it is a module outside the allowed ones, else None."""
+    if not isinstance(value, type(sys)):
+        return None
+    name = getattr(value, "__name__", None)
+    return None if name in allowed_modules else str(name)
 
 
 def plain(value):
@@ -140,12 +148,12 @@ def _describe_error(e):
     return "error", f"raised {type(e).__name__}: {str(e)[:200]}"
 
 
-def _describe_clocked(error, seconds):
-    """_describe_error under the call's clock: str(error) may run the submission's __str__."""
+def _clocked(seconds, describe, error):
+    """describe(error) under a clock: str(error) may run the submission's __str__."""
     try:
-        return list(timed(seconds, lambda: _describe_error(error)))
+        return timed(seconds, lambda: describe(error))
     except BaseException:
-        return ["error", "raised an exception that could not be described"]
+        return None
 
 
 def timed(seconds, work):
@@ -170,7 +178,9 @@ def grade_exercise(task, settings, table):
         except CallTimeout:
             return {"defined": f"the definitions did not finish within {settings['cell_timeout']:g} s", "cases": []}
         except BaseException as e:
-            return {"defined": f"the definitions raised {type(e).__name__}: {str(e)[:160]}", "cases": []}
+            text = _clocked(settings["cell_timeout"], lambda e: f"{type(e).__name__}: {str(e)[:160]}", e)
+            return {"defined": f"the definitions raised {text or 'an exception that could not be described'}",
+                    "cases": []}
         fn = namespace.get(task["function"])
         if not callable(fn):
             return {"defined": f"{task['function']} is not a function", "cases": []}
@@ -183,7 +193,8 @@ def grade_exercise(task, settings, table):
                 cases.append(["timeout", f"did not return within {settings['call_timeout']:g} s (an endless loop?)"])
                 break
             except BaseException as e:                    # SystemExit and KeyboardInterrupt are errors too
-                cases.append(_describe_clocked(e, settings["call_timeout"]))
+                cases.append(list(_clocked(settings["call_timeout"], _describe_error, e)
+                                  or ("error", "raised an exception that could not be described")))
                 continue
             try:
                 cases.append(["ok", plain(value)])
