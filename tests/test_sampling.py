@@ -252,6 +252,39 @@ def test_beam_width_one_is_greedy(seed):
     assert score == pytest.approx(sequence_logprob(model, [1, 4, 2], ids[0, 3:].tolist()), abs=1e-5)
 
 
+@pytest.mark.parametrize("seed,eos", [(s, e) for s in range(4) for e in (None, 0)])
+def test_beam_search_with_the_cache_finds_what_recomputing_finds(seed, eos):
+    """use_cache=True reorders one KVCache per block to follow the beams: the same
+    continuation and score as recomputing every window, on a GPT and on a Llama
+    (grouped-query attention, rotary positions), also once the beams outgrow
+    block_size (where the cached search goes back to recomputing)."""
+    from gptcourse.llama import Llama, LlamaConfig
+    torch.manual_seed(seed)
+    llama = Llama(LlamaConfig(vocab_size=7, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                              ffn_hidden=24, block_size=9)).eval()
+    for model in (tiny_gpt(seed, vocab=7, block=9), llama):
+        prompt = torch.tensor([[1, 4, 2]])
+        for n in (4, 8):                                            # 3 + 8 > block_size 9
+            plain = beam_search(model, prompt, n, beam_width=3, eos_id=eos)
+            cached = beam_search(model, prompt, n, beam_width=3, eos_id=eos, use_cache=True)
+            assert torch.equal(cached[0], plain[0])
+            assert cached[1] == pytest.approx(plain[1], abs=1e-5)
+            if n == 4:                                              # within block_size: check the score alone
+                assert cached[1] == pytest.approx(sequence_logprob(model, [1, 4, 2], cached[0][0, 3:].tolist()),
+                                                  abs=1e-4)
+
+
+def test_kv_cache_select_rows_reorders_and_repeats():
+    from gptcourse.attention import KVCache
+    cache = KVCache()
+    k = torch.arange(3 * 2 * 4 * 2, dtype=torch.float32).view(3, 2, 4, 2)
+    cache.update(k, -k)
+    cache.select_rows(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.k, k[[2, 2, 0]]) and torch.equal(cache.v, -k[[2, 2, 0]])
+    k_new, v_new = cache.update(torch.ones(3, 2, 1, 2), torch.zeros(3, 2, 1, 2))
+    assert k_new.shape == (3, 2, 5, 2) and torch.equal(k_new[:, :, :4], k[[2, 2, 0]])
+
+
 def test_no_beam_beats_the_exhaustive_search_and_a_wider_one_can_beat_greedy():
     """Over small models, every width's score (checked independently) is at most the
     exhaustive optimum, and a beam of 8 beats greedy somewhere. (A wider beam is NOT
