@@ -67,12 +67,16 @@ def format_chat(messages, add_generation_prompt=True):
     return "\n".join(lines)
 
 
-def train_course_model(steps=600, seed=0, device=None, progress=True):
+def train_course_model(steps=600, seed=0, device=None, progress=True, *, lr=1e-3, warmup_steps=None,
+                       eval_every=None):
     """Train the course's character-level GPT on the pydoc corpus (about 20 s on one CPU core).
 
     The chapter-11 recipe: GPTConfig "course-char" (4 layers, 4 heads,
     d=128, context 64), batch 12, AdamW at 1e-3 with 100 warm-up steps and a
     cosine decay to 1e-4. Seeded: the same weights on every run on a device.
+    A shorter run may take a higher `lr` (the decay ends at lr / 10) and
+    fewer `warmup_steps` (default min(100, steps)); `eval_every` (default
+    steps // 4) sets how often train and val loss are measured.
     Returns (model, tokenizer, history); the model is in eval mode.
     """
     from . import data
@@ -91,8 +95,10 @@ def train_course_model(steps=600, seed=0, device=None, progress=True):
     model = GPT(config).to(device)
     batches = lm_batches(train_data, val_data, block_size=config.block_size, batch_size=12,
                          seed=seed, device=device)
-    history = train(model, batches, steps=steps, lr=1e-3, warmup_steps=min(100, steps),
-                    min_lr=1e-4, weight_decay=0.1, eval_every=max(1, steps // 4),
+    warmup_steps = min(100, steps) if warmup_steps is None else warmup_steps
+    eval_every = max(1, steps // 4) if eval_every is None else eval_every
+    history = train(model, batches, steps=steps, lr=lr, warmup_steps=warmup_steps,
+                    min_lr=lr / 10, weight_decay=0.1, eval_every=eval_every,
                     eval_batches=20, device=device, seed=seed, progress=progress,
                     desc="course GPT")
     model.eval()

@@ -332,3 +332,38 @@ def test_wilson_bad_inputs():
         wilson_interval(0, 0)
     with pytest.raises(ValueError, match=r"successes must be in \[0, n=5\], got 6"):
         wilson_interval(6, 5)
+
+
+# ----------------------------------------------------------------------------
+# train_course_model: the chapter-11 recipe, with an optional shorter schedule
+# ----------------------------------------------------------------------------
+
+def _course_recipe_by_hand(steps, lr, warmup_steps, min_lr, eval_every):
+    """The chapter-11 recipe written out with gptcourse.train.train."""
+    from gptcourse import data
+    from gptcourse.train import lm_batches, seed_everything, train
+    text = data.load_corpus("pydoc")
+    tok = CharTokenizer(text)
+    train_data, val_data = data.train_val_split(torch.tensor(tok.encode(text)), 0.1)
+    seed_everything(0)
+    model = GPT(GPTConfig.from_name("course-char", vocab_size=tok.vocab_size))
+    batches = lm_batches(train_data, val_data, block_size=64, batch_size=12, seed=0, device="cpu")
+    history = train(model, batches, steps=steps, lr=lr, warmup_steps=warmup_steps, min_lr=min_lr,
+                    weight_decay=0.1, eval_every=eval_every, eval_batches=20, device="cpu", seed=0,
+                    progress=False)
+    return model, history
+
+
+@pytest.mark.parametrize("steps, options, by_hand", [
+    (1, {}, dict(lr=1e-3, warmup_steps=1, min_lr=1e-4, eval_every=1)),        # the defaults
+    (3, dict(lr=3e-3, warmup_steps=1, eval_every=3),
+     dict(lr=3e-3, warmup_steps=1, min_lr=3e-3 / 10, eval_every=3)),
+])
+def test_train_course_model_is_the_recipe(steps, options, by_hand):
+    from gptcourse.chat import train_course_model
+    model, _, history = train_course_model(steps, device="cpu", progress=False, **options)
+    expected, expected_history = _course_recipe_by_hand(steps, **by_hand)
+    assert history.val_loss == expected_history.val_loss and history.lr == expected_history.lr
+    for a, b in zip(model.state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not model.training
