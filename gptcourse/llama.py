@@ -149,6 +149,35 @@ def apply_rope(x, angles):
 
 
 # ----------------------------------------------------------------------------
+# 2b. The layers' matrix products
+# ----------------------------------------------------------------------------
+
+class Linear(nn.Linear):
+    """nn.Linear with no bias, (..., C_in) -> (..., C_out), in which the one
+    token of a decoding step, x of shape (1, 1, C_in), is a matrix-vector
+    product (torch.mv): the same numbers to rounding, faster on a CPU.
+
+    Why: a decoding step reads every weight once for one token. Under
+    oneMKL's reproducible mode (the book's pinned settings,
+    scripts/pinned_cpu.py) a (1, C_in) @ (C_in, C_out) product first repacks
+    the whole weight, then reads the copy, and takes 2-2.5x as long as
+    torch.mv on SmolLM2's shapes; without the pins the two give the same bits
+    in the same time (benchmarks/bench_llama.py). Only Llama.forward's
+    (B, T, C) input with B = T = 1 takes this path: the batching engine's
+    (N, C) rows (gptcourse.batching) keep one kernel for every N, so a
+    sequence gets the same bits alone and batched.
+    """
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if x.dim() == 3 and x.shape[0] == x.shape[1] == 1:
+            return torch.mv(self.weight, x.reshape(-1)).view(1, 1, -1)
+        return F.linear(x, self.weight)
+
+
+# ----------------------------------------------------------------------------
 # 3. SwiGLU feed-forward
 # ----------------------------------------------------------------------------
 
@@ -162,9 +191,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, n_embd, hidden):
         super().__init__()
-        self.gate = nn.Linear(n_embd, hidden, bias=False)
-        self.up = nn.Linear(n_embd, hidden, bias=False)
-        self.down = nn.Linear(hidden, n_embd, bias=False)
+        self.gate = Linear(n_embd, hidden)
+        self.up = Linear(n_embd, hidden)
+        self.down = Linear(hidden, n_embd)
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -190,10 +219,10 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"need n_embd % n_head == 0 and n_head % n_kv_head == 0, "
                              f"got n_embd={n_embd}, n_head={n_head}, n_kv_head={n_kv_head}")
         self.n_head, self.n_kv_head, self.d = n_head, n_kv_head, n_embd // n_head
-        self.w_q = nn.Linear(n_embd, n_head * self.d, bias=False)
-        self.w_k = nn.Linear(n_embd, n_kv_head * self.d, bias=False)
-        self.w_v = nn.Linear(n_embd, n_kv_head * self.d, bias=False)
-        self.w_o = nn.Linear(n_head * self.d, n_embd, bias=False)
+        self.w_q = Linear(n_embd, n_head * self.d)
+        self.w_k = Linear(n_embd, n_kv_head * self.d)
+        self.w_v = Linear(n_embd, n_kv_head * self.d)
+        self.w_o = Linear(n_head * self.d, n_embd)
         self.fast = fast
 
     def forward(self, x, angles, cache=None):
@@ -244,7 +273,7 @@ class Llama(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.rms_f = RMSNorm(config.n_embd, config.rms_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         if config.tied:
             self.lm_head.weight = self.wte.weight
 

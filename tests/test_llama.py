@@ -382,3 +382,21 @@ def test_gguf_module_holds_the_reader_and_llama_keeps_the_old_names():
     with pytest.raises(ValueError, match="llama.block_count is missing"):
         ours.config_from_metadata({"general.architecture": "llama", "llama.embedding_length": 8,
                                    "llama.attention.head_count": 2, "tokenizer.ggml.tokens": ["a"]}, set())
+
+
+def test_linear_decodes_one_token_as_a_matrix_vector_product():
+    """llama.Linear: (1, 1, C) -> torch.mv, the same numbers as F.linear to rounding;
+    every other shape, (B, T, C) or the batching engine's (N, C), is F.linear itself,
+    bit for bit (so a sequence gets the same bits alone and batched)."""
+    from gptcourse.llama import Linear
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    assert layer.bias is None and layer.weight.shape == (80, 48)
+    one = torch.randn(1, 1, 48)
+    torch.testing.assert_close(layer(one), F.linear(one, layer.weight), rtol=1e-5, atol=1e-5)
+    assert layer(one).shape == (1, 1, 80)
+    for shape in [(2, 1, 48), (1, 3, 48), (1, 48), (5, 48)]:
+        x = torch.randn(shape)
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+    strided = torch.randn(1, 48, 1).transpose(1, 2)            # (1, 1, 48), last stride 1 but not contiguous
+    torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight), rtol=1e-5, atol=1e-5)
