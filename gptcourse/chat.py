@@ -25,7 +25,10 @@ scorers at the end of this file: next_token_logprobs, score_continuations
 and wilson_interval.
 """
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn as nn
 
 from .sampling import TextDecoder, end_of_turn_ids
 
@@ -343,8 +346,27 @@ def _check_id_lists(sequences, name, vocab_size):
     return out
 
 
+@contextmanager
+def _final_hidden_states(model):
+    """Inside, model(idx)[0] is the last hidden states (B, T, C), after the final
+    norm, instead of the logits; yields the output layer (lm_head), to apply to
+    the positions wanted only. A chat model's output layer is large (SmolLM2:
+    49,152 x 576, a quarter of the arithmetic per token), and a score needs it
+    at a few positions of each sequence, not at all of them. A model with no
+    `lm_head` attribute is left as it is (yields the identity)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        yield nn.Identity()
+        return
+    model.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        model.lm_head = head
+
+
 def _padded_batches(model, sequences, batch_size):
-    """Yield (rows, logits (b, T, V)): the sequences of `rows` (indices into
+    """Yield (rows, outputs (b, T, ...)): the sequences of `rows` (indices into
     sequences), right-padded with token 0 to their longest, in one forward pass.
 
     Sequences are sorted by length first, so a batch holds similar lengths and
@@ -419,10 +441,13 @@ def next_token_logprobs(model, sequences, positions=None, batch_size=16):
             raise ValueError(f"positions[{i}] must be a list of ints in [0, {len(seq)}), got {pos!r:.80}")
     out = [None] * len(sequences)
     try:
-        for rows, logits in _padded_batches(model, sequences, batch_size):
-            for r, i in enumerate(rows):
-                picked = logits[r, torch.tensor(positions[i], dtype=torch.long, device=logits.device)]
-                out[i] = torch.log_softmax(picked.float(), dim=-1).cpu()   # (k, V)
+        with _final_hidden_states(model) as head:
+            for rows, hidden in _padded_batches(model, sequences, batch_size):     # (b, T, C)
+                picked = torch.cat([hidden[r, torch.tensor(positions[i], dtype=torch.long, device=hidden.device)]
+                                    for r, i in enumerate(rows)])                  # (positions of the batch, C)
+                logp = torch.log_softmax(head(picked).float(), dim=-1).cpu()       # (positions, V)
+                for i, part in zip(rows, logp.split([len(positions[i]) for i in rows])):
+                    out[i] = part                                                  # (k, V)
     finally:
         model.train(was_training)
     return torch.cat(out) if last else out

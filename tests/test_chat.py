@@ -367,3 +367,30 @@ def test_train_course_model_is_the_recipe(steps, options, by_hand):
     for a, b in zip(model.state_dict().values(), expected.state_dict().values()):
         assert torch.equal(a, b)
     assert not model.training
+
+
+def test_next_token_logprobs_applies_the_head_at_the_positions_only_and_puts_it_back():
+    """The output layer runs on the positions asked for only (not on every padded
+    position); the numbers are those of the model's own forward pass, and the model
+    has its lm_head back afterwards, also when the call fails."""
+    from gptcourse.chat import next_token_logprobs
+    from gptcourse.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                              ffn_hidden=24, block_size=32)).eval()
+    head = model.lm_head
+    calls = []
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    seqs = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9], [1, 2, 3, 7, 7, 7, 7, 8]]
+    positions = [[2, 5], [3], [0, 4, 7]]
+    got = next_token_logprobs(model, seqs, positions)
+    handle.remove()
+    assert calls == [(6, 16)]                                   # one call, 6 positions, C = 16
+    assert model.lm_head is head
+    for s, pos, g in zip(seqs, positions, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([s]))[0][0, pos], dim=-1)
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        next_token_logprobs(model, [[1, 2, 99]])                # a token outside the vocabulary
+    assert model.lm_head is head
