@@ -14,7 +14,7 @@ PIN    := $(BIN)/python scripts/pinned_cpu.py --
 JB     := $(PIN) $(BIN)/jupyter-book build . -W -n --keep-going
 NPM_PACKAGES := mathjax@3.2.2 requirejs@2.3.7 @jupyter-widgets/html-manager@1.0.6
 
-.PHONY: book book-execute test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama clean fork
+.PHONY: book book-execute test install assets browser sandbox unit notebooks html outputs bench bench-pinning bench-grading bench-llama bench-chapters clean fork
 
 book: install assets
 	$(JB)
@@ -107,6 +107,14 @@ bench: install assets
 # (one per core), in the Colab simulation.
 bench-pinning: install
 	$(BIN)/python benchmarks/bench_pinning.py --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py
+
+# Every chapter's execution time against the goals (60 s each, 12 min in all): from the
+# recordings `make outputs` stores, beside a fresh execution of each chapter one at a time,
+# pinned (run it on an idle machine; CHAPTERS=--baseline REV adds an older revision's recordings).
+CHAPTERS ?=
+bench-chapters: install
+	$(PIN) $(BIN)/python benchmarks/chapter_times.py --run $(CHAPTERS) --save benchmarks/results
 	$(BIN)/python benchmarks/write_appendix.py
 
 # The real chat model (gptcourse.llama) vs transformers on the same GGUF, side by side:

@@ -49,6 +49,11 @@ SECTIONS = [
     ("tests", "The test suite",
      "`benchmarks/suite_times.py` (part of `make bench`) reads the times of the last `make test` from "
      "`_build/test-report.xml`: the total, and every notebook's own time, slowest first."),
+    ("chapters", "Every chapter's execution time",
+     "`make bench-chapters` (`benchmarks/chapter_times.py`): each chapter's time from its recording (the "
+     "cells' execution times that `make outputs` stores, pinned, one thread), beside an earlier revision's "
+     "recordings or a fresh execution of every chapter one at a time; goals under 60 s a chapter and under "
+     "12 minutes in all, on 2 cores."),
     ("pinning", "Same outputs on every CPU: what the pins cost",
      "Every run that records or compares the notebooks' outputs pins the CPU kernels "
      "(`scripts/pinned_cpu.py`, see {doc}`appendix_same_outputs`). `make bench-pinning` runs every "
