@@ -22,6 +22,9 @@ The models and ideas, one flat module each, in the order of the book:
     tools        tool calling: the tool loop, for a small GPT and for a chat model
     calculator   the safe tool (never eval), the call syntax and its parser
     tool_task    chapter 17's arithmetic questions and the small tool-calling GPT
+    sft          supervised fine-tuning: transcripts with an answer mask, the masked loss
+    dpo          direct preference optimisation: answers' log-probabilities, the DPO loss
+    lora         low-rank adaptation: LoRALinear beside a frozen weight, add_lora, merge_lora
   Shared by every part
     train        one training loop: device pick, seeding, AdamW, progress bar
     viz          the figures the chapters share
