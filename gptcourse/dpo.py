@@ -40,7 +40,8 @@ def sequence_logprobs(model, x, y, mask):
     if logits.shape[:2] != x.shape:
         raise ValueError(f"model(x) must return logits (B, T, V) with (B, T) = {tuple(x.shape)}, "
                          f"got {tuple(logits.shape)}")
-    logp = torch.log_softmax(logits.float(), dim=-1)                       # (B, T, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bfloat16 -> float32
+    logp = torch.log_softmax(logits, dim=-1)                               # (B, T, V)
     picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)                  # (B, T)
     return torch.where(mask, picked, torch.zeros_like(picked)).sum(-1)     # (B,)
 

@@ -40,8 +40,9 @@ def sft_loss(logits, targets, answer_mask):
     logits (B, T, V), targets (B, T) next-token ids, answer_mask (B, T) bool:
     True where the target token belongs to an assistant answer (its end of
     turn included). Equal to F.cross_entropy(logits[mask], targets[mask]):
-    every answer token weighs the same, whatever its sequence. Raises
-    ValueError when the mask selects nothing (the loss would be 0/0).
+    every answer token weighs the same, whatever its sequence. Computed in
+    float32 at least (bfloat16 logits are widened; float64 stays float64).
+    Raises ValueError when the mask selects nothing (the loss would be 0/0).
 
         >>> logits = torch.zeros(1, 3, 4)                      # uniform: log 4 per token
         >>> round(sft_loss(logits, torch.tensor([[1, 2, 3]]),
@@ -59,7 +60,8 @@ def sft_loss(logits, targets, answer_mask):
         raise ValueError(f"answer_mask must be a bool tensor, got dtype {answer_mask.dtype}")
     if not answer_mask.any():
         raise ValueError("answer_mask selects no target: there is no answer token to learn from")
-    return F.cross_entropy(logits[answer_mask].float(), targets[answer_mask])
+    picked = logits[answer_mask]                                       # (N, V): the answer positions
+    return F.cross_entropy(picked.to(torch.promote_types(picked.dtype, torch.float32)), targets[answer_mask])
 
 
 def _encoder(tokenizer, encode):

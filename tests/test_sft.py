@@ -28,6 +28,8 @@ def test_sft_loss_is_cross_entropy_over_the_answer_tokens_only():
     torch.testing.assert_close(loss, F.cross_entropy(logits[mask], targets[mask]))
     everything = F.cross_entropy(logits.view(-1, 11), targets.view(-1))
     assert abs(loss.item() - everything.item()) > 1e-3               # not the all-token loss
+    assert sft_loss(logits.double(), targets, mask).dtype == torch.float64      # float32 at least
+    assert sft_loss(logits.bfloat16(), targets, mask).dtype == torch.float32
 
 
 def test_sft_loss_gradient_is_zero_outside_the_mask():
