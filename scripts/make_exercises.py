@@ -269,11 +269,112 @@ def chatml_prompt(messages):
     raise NotImplementedError
     # END''', '''    return 2 * n_layer * n_kv_head * head_size * bytes_per_element'''),
     ]),
+    "15_from_gpt_to_chatgpt": ("Exercises 15: from GPT to ChatGPT", "15_from_gpt_to_chatgpt", r"""
+Recap. Supervised fine-tuning trains on chat transcripts with the loss on the
+answer tokens only: the mean cross-entropy over the targets where the answer
+mask is True. DPO trains on pairs of a chosen answer $y_c$ and a rejected one
+$y_r$, with $\log\pi(y)$ an answer's summed log-probability under the policy and
+$\log\pi_\text{ref}(y)$ under the frozen reference model:
+$\mathcal{L} = -\log\sigma\big(\beta\,[(\log\pi(y_c) - \log\pi_\text{ref}(y_c)) - (\log\pi(y_r) - \log\pi_\text{ref}(y_r))]\big)$,
+averaged over the pairs. LoRA leaves a weight $W$ (out, in) frozen and learns
+$A$ (r, in) and $B$ (out, r) beside it:
+$y = xW^\top + b + \frac{\alpha}{r}\,(xA^\top)B^\top$. $A$ starts random
+(as `nn.Linear` initialises a weight), $B$ at zero; after training,
+$W + \frac{\alpha}{r}BA$ is one matrix again.""", [
+        ("sft_loss", '''import torch.nn.functional as F
+
+
+def sft_loss(logits, targets, answer_mask):
+    """The mean cross-entropy over the answer tokens only.
+
+    logits: (B, T, V); targets: (B, T) next-token ids; answer_mask: (B, T) bool,
+    True where the target is a token of an assistant's answer.
+    Returns a 0-dim tensor.
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    logp = torch.log_softmax(logits, dim=-1)                                # (B, T, V)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)               # (B, T)
+    return nll[answer_mask].mean()                                          # answer tokens only'''),
+        ("dpo_loss", '''def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+    """The DPO loss of B preference pairs.
+
+    Each argument is (B,): an answer's summed log-probability under the policy
+    being trained or under the frozen reference model, for the chosen and the
+    rejected answer of each pair. Returns the mean over the pairs of
+    -log sigmoid(beta * margin), a 0-dim tensor.
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()'''),
+        ("dpo_gradient", '''def dpo_first_step(logits, chosen, rejected, beta=0.1):
+    """The DPO loss and its gradient at the first step, when the policy still is
+    the reference model (both start as the SFT model).
+
+    A toy policy: logits (T, V) are its next-token logits at the T positions of
+    every answer, so an answer a (T token ids) has
+    log pi(a) = sum over t of log_softmax(logits[t])[a[t]].
+    chosen, rejected: (B, T) the answers of B preference pairs.
+    The reference is a frozen copy of the policy: the same log-probabilities,
+    but no gradient may flow into it. You may use your dpo_loss.
+    Returns (loss, grad): the 0-dim loss and d loss / d logits, (T, V).
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    logits = logits.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, dim=-1)                                # (T, V)
+    t = torch.arange(logits.shape[0])
+    policy_chosen, policy_rejected = logp[t, chosen].sum(-1), logp[t, rejected].sum(-1)    # (B,)
+    with torch.no_grad():                                                   # the frozen reference
+        ref_chosen, ref_rejected = logp[t, chosen].sum(-1), logp[t, rejected].sum(-1)
+    loss = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    loss.backward()
+    return loss.detach(), logits.grad'''),
+        ("lora_init", '''def lora_init(in_features, out_features, r, seed):
+    """LoRA's A and B for a linear layer with in_features inputs and out_features
+    outputs, at rank r, before any training.
+
+    A: (r, in_features), initialised as nn.Linear initialises a weight with
+    in_features inputs (kaiming uniform with a = sqrt(5): uniform on
+    [-1/sqrt(in_features), 1/sqrt(in_features)]), drawn in one call from
+    g = torch.Generator().manual_seed(seed). B: (out_features, r), initialised
+    so that the adapted layer starts exactly as the base layer.
+    Returns (A, B), float32.
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    g = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(in_features)
+    A = torch.empty(r, in_features).uniform_(-bound, bound, generator=g)    # random: x meets it first
+    B = torch.zeros(out_features, r)                                        # zero: B @ A = 0 at the start
+    return A, B'''),
+        ("lora_forward", '''def lora_forward(x, weight, bias, A, B, alpha):
+    """A LoRA layer's output: the frozen base layer plus the scaled low-rank update.
+
+    x: (..., in_features); weight: (out_features, in_features); bias:
+    (out_features,) or None; A: (r, in_features); B: (out_features, r);
+    alpha: a number. Returns (..., out_features).
+    """
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    out = x @ weight.T
+    if bias is not None:
+        out = out + bias
+    return out + (alpha / A.shape[0]) * ((x @ A.T) @ B.T)'''),
+        ("lora_merge", '''def lora_merge(weight, A, B, alpha):
+    """The merged weight (out_features, in_features): the one matrix that gives the
+    LoRA layer's output by itself, x @ merged.T (+ the bias). weight, A, B and
+    alpha as in lora_forward."""
+    # YOUR CODE
+    raise NotImplementedError
+    # END''', '''    return weight + (alpha / A.shape[0]) * (B @ A)'''),
+    ]),
 }
 
 
 def chapter_link(stem):
-    path = "ipynb" if (ROOT / "chapters" / f"{stem}.ipynb").exists() else "md"
+    path = "md" if (ROOT / "chapters" / f"{stem}.md").exists() else "ipynb"
     return f"[the chapter](../chapters/{stem}.{path})"
 
 
@@ -295,17 +396,21 @@ def build(name, solutions):
 
 
 def keep_outputs(new, path):
-    """Where a code cell is unchanged, keep the outputs the old notebook saved
-    (so editing prose needs no re-execution); changed cells come out empty."""
+    """Where the code cells are unchanged, keep the outputs the old notebook saved,
+    with the cells' and the notebook's metadata (so editing prose needs no
+    re-execution, and regenerating an unchanged notebook changes nothing);
+    otherwise the code cells come out empty."""
     if not path.exists():
         return new
-    old = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    saved = nbformat.read(path, as_version=4)
+    old = [c for c in saved.cells if c.cell_type == "code"]
     new_code = [c for c in new.cells if c.cell_type == "code"]
     if [c.source for c in old] == [c.source for c in new_code]:
         for o, n in zip(old, new_code):
-            n.outputs, n.execution_count = o.outputs, o.execution_count
-    new.metadata.update({k: v for k, v in nbformat.read(path, as_version=4).metadata.items()
-                         if k == "widgets"})
+            n.outputs, n.execution_count, n.metadata = o.outputs, o.execution_count, o.metadata
+        new.metadata = saved.metadata              # where the outputs were recorded, the kernel's language_info
+    else:
+        new.metadata.update({k: v for k, v in saved.metadata.items() if k == "widgets"})
     return new
 
 
