@@ -208,7 +208,9 @@ class GroupedQueryAttention(nn.Module):
 
     Query head h reads key/value head h // (n_head / n_kv_head). Only the
     n_kv_head heads of keys and values are computed and cached (KVCache);
-    they are repeated to n_head just before the attention itself. With
+    PyTorch's attention kernel reads head h // group for query head h
+    (enable_gqa=True), and the written-out path (fast=False) repeats each
+    kv head for its group (repeat_interleave) just before attending. With
     n_kv_head = n_head it is GPT's multi-head attention; with 1 it is
     multi-query attention.
     """
@@ -235,14 +237,14 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, angles), apply_rope(k, angles)                    # positions, by rotation
         if cache is not None:
             k, v = cache.update(k, v)                                          # (B, H_kv, T_k, d)
-        group = self.n_head // self.n_kv_head
-        k = k.repeat_interleave(group, dim=1)                                  # (B, H, T_k, d)
-        v = v.repeat_interleave(group, dim=1)
         T_k = k.shape[-2]
         mask = causal_mask(T, T_k, device=x.device) if T > 1 else None        # one new query sees all
-        if self.fast:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
+        if self.fast:             # PyTorch's kernel reads kv head h // group for query head h itself
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:                     # written out: repeat each kv head for its group of query heads
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)                              # (B, H, T_k, d)
+            v = v.repeat_interleave(group, dim=1)
             out, _ = scaled_dot_product_attention(q, k, v, mask)
         return self.w_o(out.transpose(1, 2).reshape(B, T, self.n_head * self.d))
 
