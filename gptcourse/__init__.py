@@ -14,14 +14,14 @@ The models and ideas, one flat module each, in the order of the book:
     gpt          GPTConfig (GPT-2 / GPT-3 presets), count_params, GPT with a KV cache
     bert         the encoder-only sibling, for chapter 9's comparison
     sampling     greedy, temperature, top-k, top-p, beam search: the one decoding loop
-  Part IV. Using GPT (chapters 14-17)
+  Part IV. Using GPT (chapters 14-18)
     llama        the Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)
     gguf         reading a real model (SmolLM2) from its GGUF file into `llama`
     chat         chat transcripts (the course's format and ChatML), reply, the course model
-    batching     continuous batching: the ragged KV cache and step, the prefix cache (chapter 16)
+    batching     continuous batching: the ragged KV cache and step, the prefix cache (chapter 17)
     tools        tool calling: the tool loop, for a small GPT and for a chat model
     calculator   the safe tool (never eval), the call syntax and its parser
-    tool_task    chapter 17's arithmetic questions and the small tool-calling GPT
+    tool_task    chapter 18's arithmetic questions and the small tool-calling GPT
     sft          supervised fine-tuning: transcripts with an answer mask, the masked loss
     dpo          direct preference optimisation: answers' log-probabilities, the DPO loss
     lora         low-rank adaptation: LoRALinear beside a frozen weight, add_lora, merge_lora

@@ -3,7 +3,7 @@
 Decoding one sequence reads every weight of the model to produce one token.
 A batch of B sequences reads the weights once for B tokens, so on a machine
 whose time goes into moving weights (a CPU, or a GPU at small batch) a
-step for B sequences costs much less than B steps for one (chapter 16
+step for B sequences costs much less than B steps for one (chapter 17
 measures 3 rows at about 1.3x one row on a 2-core CPU). Requests do not arrive together,
 though: *continuous batching* (Yu et al. 2022, "Orca"; vLLM, llama.cpp's
 server) lets a sequence join the running batch between two steps and leave
@@ -330,7 +330,7 @@ _MOVED = {"Engine": "engine", "Sequence": "engine", "SamplingParams": "params",
 
 
 def __getattr__(name):
-    """gptcourse.batching.Engine (chapter 16) and the other names that moved to
+    """gptcourse.batching.Engine (chapter 17) and the other names that moved to
     gptcourse.serve, looked up when first asked for: gptcourse.serve imports
     this module, and needs FastAPI, which the steps above do not."""
     if name in _MOVED:

@@ -18,9 +18,9 @@ context window (``block_size`` tokens) is simply not seen.
 The course's own model (``train_course_model``) is the chapter-11 GPT: a
 character-level GPT trained on the Python documentation of ``pydoc_data``.
 It was never tuned to follow instructions, so it continues the transcript as
-documentation-like text; that is exactly what chapter 16 needs to show
+documentation-like text; that is exactly what chapter 17 needs to show
 how a chat API works and where a model without instruction tuning fails.
-Chapter 15 measures a real chat model (gptcourse.llama) with the batched
+Chapter 16 measures a real chat model (gptcourse.llama) with the batched
 scorers at the end of this file: next_token_logprobs, score_continuations
 and wilson_interval.
 """
@@ -326,7 +326,7 @@ def reply(model, tokenizer, messages, max_new_tokens=128, temperature=0.0, top_k
 
 
 # ----------------------------------------------------------------------------
-# Scoring many prompts at once (chapter 15): one forward pass per batch
+# Scoring many prompts at once (chapter 16): one forward pass per batch
 # ----------------------------------------------------------------------------
 
 def _check_id_lists(sequences, name, vocab_size):

@@ -1,5 +1,5 @@
 """The course's tool task: arithmetic questions that need the calculator, their
-training texts, and the small GPT trained on them (chapter 17).
+training texts, and the small GPT trained on them (chapter 18).
 
     Q: What is 48213 times 937?
     A: <calc>48213*937</calc>[45175581] 45175581

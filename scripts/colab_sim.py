@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import pinned_cpu  # noqa: E402  (the one place the CPU settings live)
 # What a Colab runtime has preinstalled that the course uses. tqdm is there
 # too (gptcourse requires it); pip is in every environment.
-# FastAPI, uvicorn and pydantic (gptcourse.serve, chapter 16) are there too: Colab's
+# FastAPI, uvicorn and pydantic (gptcourse.serve, chapter 17) are there too: Colab's
 # `pip list` of 2025 shows fastapi 0.116-0.120, pydantic 2, and gradio's stack with uvicorn.
 PREINSTALLED = ("torch", "numpy", "matplotlib", "ipywidgets", "ipykernel", "tqdm", "pip",
                 "pyyaml", "requests", "fastapi", "uvicorn", "pydantic")

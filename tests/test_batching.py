@@ -246,7 +246,7 @@ def test_a_long_prompt_is_read_in_pieces_while_another_answer_keeps_coming(tiny_
 
 
 def test_requests_that_share_a_beginning_join_and_leave_and_find_it_in_the_prefix_cache(tiny_llama):
-    """Chapter 16's scene: five requests, all starting with the same 10 tokens (a
+    """Chapter 17's scene: five requests, all starting with the same 10 tokens (a
     system message), two rows. Submitted together, the first two are read in one
     pass; each later one joins when a row frees up and finds exactly the shared
     beginning in the prefix cache (their next tokens all differ, so nothing more

@@ -5,7 +5,7 @@ Every step is one forward pass over a ragged batch (gptcourse.serve.runner):
 decoding rows bring their newest token, prompts being read bring their next
 pieces, within a budget of max_step_tokens new tokens. Between two steps a
 finished sequence leaves and a waiting one joins. gptcourse.batching explains
-the idea and holds the forward steps; chapter 16 builds it by hand.
+the idea and holds the forward steps; chapter 17 builds it by hand.
 
 The greedy tokens are those of one-at-a-time decoding (tests/test_batching.py
 checks it).
@@ -24,7 +24,7 @@ from .runner import make_batch
 class Sequence:
     """A request being decoded: its prompt, its SamplingParams and its output.
 
-    Sequence(prompt_ids, max_tokens, on_event, params) or, as chapter 16
+    Sequence(prompt_ids, max_tokens, on_event, params) or, as chapter 17
     writes it, with the SamplingParams' fields as keywords:
     Sequence(prompt, 16, on_event, temperature=0, stop_ids={END}).
     cache_salt: prefix-cache entries are shared only with the same salt.

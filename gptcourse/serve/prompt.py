@@ -39,7 +39,7 @@ class PreparedRequest:
     tools offered; named: the tool a named tool_choice calls, else None;
     include_usage: a last streamed chunk with the usage.
 
-    Chapter 17 reads it as the dict it used to be: job["prefill"] is job.prefill.
+    Chapter 18 reads it as the dict it used to be: job["prefill"] is job.prefill.
     """
     prompt_ids: List[int]
     max_tokens: int
