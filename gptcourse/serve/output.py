@@ -149,7 +149,9 @@ def assistant_message(job, text, finish):
         except ValueError:
             arguments = value                 # as OpenAI warns: not always valid JSON
         call = _call(job.named, arguments)
-        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, "tool_calls"
+        # cut by max_tokens before the call's end: "length", as OpenAI reports it (the arguments are partial)
+        return ({"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]},
+                "length" if finish == "length" else "tool_calls")
     text = job.prefill + text
     if job.tool_names:                    # tools offered: the content is stripped, calls or not
         content, calls = parse_tool_calls(text, job.tool_names)

@@ -74,6 +74,9 @@ def _with_calls(content, tool_calls):
             arguments = json.loads(call.function.arguments)
         except ValueError:
             arguments = call.function.arguments
+        except RecursionError:                            # '[[[[...' thousands deep: the parser's stack
+            raise APIError(400, f"The arguments of tool call {call.id!r} are nested too deeply to read",
+                           param="messages", code="invalid_value") from None
         calls.append("<tool_call>\n" + json.dumps({"name": call.function.name, "arguments": arguments},
                                                   ensure_ascii=False) + "\n</tool_call>")
     return "\n".join(([content] if content else []) + calls)
