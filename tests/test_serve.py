@@ -370,6 +370,23 @@ def test_a_client_that_leaves_frees_its_slot_at_once(server, stream, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_client_that_leaves_while_sending_its_body_leaves_no_traceback(server, http, capfd, caplog):
+    """Attack round of issue 27: a client that dropped mid-body left a ClientDisconnect
+    traceback (and an 'internal error') in the log."""
+    import logging
+    caplog.set_level(logging.INFO, logger="gptcourse.serve")
+    for _ in range(3):
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"model\": ")
+        time.sleep(0.1)
+        sock.close()
+    time.sleep(0.3)
+    assert chat(http, max_tokens=2)[0] == 200                # the server goes on
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 def test_a_slow_client_is_cut_off(server):
     """Review: a client sending a byte every 10-20 s held a thread forever (uvicorn's
     timer restarts on every byte); here the whole request must arrive in request_timeout."""

@@ -18,9 +18,10 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .engine import Sequence
 from .output import ContentBeforeCalls, assistant_message
@@ -149,7 +150,12 @@ async def _complete(server, request):
     if ctype != "application/json":
         raise APIError(415, f"send the body as JSON with the header 'Content-Type: application/json' "
                             f"(got {ctype or 'none'!r})")
-    req = parse_request(await request.body())
+    try:
+        raw = await request.body()
+    except ClientDisconnect:                                  # it left mid-body: no one to answer
+        log.info("a client left while sending its request")
+        return Response(status_code=400)
+    req = parse_request(raw)
     if req.model != server.model_name:
         raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
                             f"{server.model_name!r} (see GET /v1/models)", param="model",
