@@ -327,7 +327,8 @@ def test_http_level_errors_are_json_too(http):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert http.get("/v1/models/gpt-4").status_code == 404
     assert http.get(f"/v1/models/{NAME}").json()["id"] == NAME
-    assert http.get("/health").json() == {"status": "ok"}
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["running"] == health["waiting"] == 0 and health["rss_bytes"] > 10**7
 
 
 def test_long_stop_strings_cost_linear_time(http):
@@ -528,14 +529,16 @@ def test_openai_client_tools(client):
 
 def test_a_named_call_cut_by_max_tokens_finishes_with_length(client):
     """Attack round of issue 27: a named tool with max_tokens 3 reported finish "tool_calls"
-    with arguments '{"type'. Cut before the call's end, the finish is "length" (OpenAI's),
-    streamed or not; a call that ends is still "tool_calls"."""
+    with arguments '{"type'. Cut inside the arguments, the finish is "length" (OpenAI's),
+    streamed or not; a call whose arguments are whole is still "tool_calls"."""
     import types
     from gptcourse.serve.output import assistant_message
     job = types.SimpleNamespace(named="f", prefill="<tool_call>", tool_names=frozenset({"f"}))
     message, finish = assistant_message(job, '{"type', "length")
     assert finish == "length" and message["tool_calls"][0]["function"]["arguments"] == '{"type'
     message, finish = assistant_message(job, '{"x": 1}\n</tool_call>', "stop")
+    assert finish == "tool_calls" and message["tool_calls"][0]["function"]["arguments"] == '{"x": 1}'
+    message, finish = assistant_message(job, '{"x": 1}\n</tool', "length")    # whole arguments, the tag cut
     assert finish == "tool_calls" and message["tool_calls"][0]["function"]["arguments"] == '{"x": 1}'
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     named = {"type": "function", "function": {"name": "get_weather"}}

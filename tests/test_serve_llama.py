@@ -135,3 +135,18 @@ def test_a_named_tool_choice_gives_a_tool_call_and_its_result_is_read(client):
                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "clear"}'}]
     r = client.chat.completions.create(model=NAME, messages=follow, tools=tools, max_tokens=8, temperature=0)
     assert r.choices[0].message.content or r.choices[0].message.tool_calls
+
+
+def test_health_reports_the_engine_and_the_kv_cache(server, client, smollm2):
+    """/health (issue 27): sequences running and queued, the KV cache's bytes (allocated: rows x
+    capacity x layers x 2 x kv heads x d x 4) and positions in use, the prefix cache, the RSS."""
+    import httpx
+    model, _ = smollm2
+    client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=4, temperature=0)
+    h = httpx.get(server.url + "/health", timeout=10).json()
+    assert h["status"] == "ok" and h["running"] == 0 and h["waiting"] == 0
+    c = model.config
+    per_position = 2 * c.n_layer * c.n_kv_head * c.head_size * 4                   # 46,080 bytes
+    assert h["kv_cache_bytes"] == h["kv_cache_positions"] * per_position > 0
+    assert h["kv_cache_positions_in_use"] == 0                                      # nothing running now
+    assert h["prefix_cache_tokens"] > 0 and h["rss_bytes"] > 500 * 2**20           # the weights alone: 538 MB

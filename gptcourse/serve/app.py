@@ -125,7 +125,7 @@ def build_app(server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", **server.engine.state()}
 
     @app.get("/v1/models")
     async def models():

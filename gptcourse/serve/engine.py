@@ -11,6 +11,7 @@ The greedy tokens are those of one-at-a-time decoding (tests/test_batching.py
 checks it).
 """
 import collections
+import os
 import threading
 
 import torch
@@ -125,6 +126,14 @@ class Engine:
     def load(self):
         """(active, waiting): sequences being decoded and queued."""
         return len(self.active), len(self.waiting)
+
+    def state(self):
+        """What /health reports: sequences running and queued, the KV cache's memory
+        (allocated and in use), the prefix cache's tokens, the process's resident memory."""
+        with self.cond:
+            running, waiting = len(self.active), len(self.waiting)
+            memory = self.batch.memory(running)
+        return {"running": running, "waiting": waiting, **memory, "rss_bytes": resident_bytes()}
 
     # ---- the loop, in the engine's thread ----------------------------------
     def _run(self):
@@ -278,3 +287,13 @@ class Engine:
     def _end(self, seq, reason):
         seq.done = True
         seq.on_event("end", (reason, len(seq.tokens)))
+
+
+def resident_bytes():
+    """The process's resident memory now (Linux: /proc/self/statm), else its peak (getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

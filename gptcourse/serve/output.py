@@ -146,12 +146,13 @@ def assistant_message(job, text, finish):
         try:
             arguments, _ = json.JSONDecoder().raw_decode(value)
             arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            complete = True
         except ValueError:
-            arguments = value                 # as OpenAI warns: not always valid JSON
+            arguments, complete = value, False   # as OpenAI warns: not always valid JSON
         call = _call(job.named, arguments)
-        # cut by max_tokens before the call's end: "length", as OpenAI reports it (the arguments are partial)
+        # cut by max_tokens inside the arguments: "length", as OpenAI reports it (they are partial)
         return ({"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]},
-                "length" if finish == "length" else "tool_calls")
+                "length" if finish == "length" and not complete else "tool_calls")
     text = job.prefill + text
     if job.tool_names:                    # tools offered: the content is stripped, calls or not
         content, calls = parse_tool_calls(text, job.tool_names)

@@ -55,6 +55,15 @@ class LlamaBatch:
     def move(self, src, dst):
         self.cache.move(src, dst)
 
+    def memory(self, active):
+        """What the keys and values hold: the ragged cache's bytes and positions, the
+        positions the `active` rows use, and the prefix cache's tokens."""
+        c = self.cache
+        return {"kv_cache_bytes": sum(t.nbytes for t in c.k + c.v),
+                "kv_cache_positions": c.rows * c.capacity,
+                "kv_cache_positions_in_use": int(c.lengths[:active].sum()) if active else 0,
+                "prefix_cache_tokens": self.prefixes.tokens}
+
 
 class WindowBatch:
     """Token windows of a GPT: every step recomputes each row's last block_size tokens
@@ -84,6 +93,10 @@ class WindowBatch:
 
     def move(self, src, dst):
         self.windows[dst] = self.windows[src]
+
+    def memory(self, active):
+        """No KV cache: every step recomputes the windows."""
+        return {}
 
 
 def make_batch(model, rows, max_length, prefix_tokens=4096):
