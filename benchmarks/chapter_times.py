@@ -46,9 +46,15 @@ def recorded_seconds(notebook):
 
 
 def at_revision(rev, path):
-    """The notebook `path` as stored at git revision rev (None if it did not exist)."""
-    out = subprocess.run(["git", "show", f"{rev}:{path.relative_to(ROOT)}"], cwd=ROOT,
-                         capture_output=True, text=True)
+    """The notebook `path` as stored at git revision rev, found by its name without the
+    chapter number (chapters are renumbered when one is inserted); None if it did not exist."""
+    listing = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:chapters"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    slug = path.name.split("_", 1)[1]
+    names = [n for n in listing if n[:2].isdigit() and n.split("_", 1)[1] == slug]
+    if not names:
+        return None
+    out = subprocess.run(["git", "show", f"{rev}:chapters/{names[0]}"], cwd=ROOT, capture_output=True, text=True)
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
