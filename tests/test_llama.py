@@ -259,6 +259,25 @@ def test_tokenizer_equals_smollm2_reference_and_transformers(smollm2, hf):
 
 
 @needs_model
+def test_bpe_merges_equal_the_tokenizers_library_on_random_and_long_chunks(smollm2, hf):
+    """The heap-ordered merges (O(n log n) a chunk) give the `tokenizers` library's ids on
+    300 random texts (letters, repeats, digits, spaces, punctuation, accents, CJK) and on
+    the long chunks of issue 27's attack: 12,000 random letters with no space, a run of
+    one letter, a run of '=' (which the rescanning merges took seconds over)."""
+    import random
+    _, tok = smollm2
+    reference = _smollm2_reference(hf[1])
+    rng = random.Random(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz") + list("aaaeeettt    ") + list("0123456789.,;:!?'\"-()[]{}\n\t") \
+        + list("éèàüößçñ–—“”") + list("日本語中文한국어") + ["th", "ing", " the", "  ", "ll", "ss"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    texts += ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12_000)),
+              "a" * 3000, "=" * 3000, "ab" * 2000, " " * 500 + "x"]
+    for text in texts:
+        assert tok.encode(text, allow_special=False) == reference.encode(text, add_special_tokens=False).ids, text[:60]
+
+
+@needs_model
 def test_chat_template_equals_transformers(hf):
     _, hf_tok = hf
     conversations = [
