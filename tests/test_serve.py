@@ -388,6 +388,35 @@ def test_a_client_that_leaves_while_sending_its_body_leaves_no_traceback(server,
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
+def test_a_full_queue_answers_429_with_retry_after(model, tok):
+    """Issue 27: past max_waiting queued requests, one more gets 429 in OpenAI's shape with
+    Retry-After (the official client raises RateLimitError), at once, instead of waiting;
+    the queued ones are still answered, and once the queue drains a new request is served."""
+    import concurrent.futures
+    with serve(model, tok, max_batch=1, max_waiting=1) as s:
+        restore = slow_steps(s, 0.05)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool, \
+                    httpx.Client(base_url=s.url, timeout=30) as http:
+                running = pool.submit(chat, http, max_tokens=40)
+                assert wait_until(lambda: s.engine.load[0] == 1)
+                queued = pool.submit(chat, http, max_tokens=5)
+                assert wait_until(lambda: s.engine.load == (1, 1))
+                start = time.monotonic()
+                r = http.post("/v1/chat/completions", json={"model": NAME, "messages": HI, "max_tokens": 5})
+                assert time.monotonic() - start < 2
+                assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "rate_limit_error"
+                assert r.json()["error"]["code"] == "rate_limit_exceeded" and "busy" in r.json()["error"]["message"]
+                client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=30)
+                with pytest.raises(openai.RateLimitError):
+                    client.chat.completions.create(model=NAME, messages=HI, max_tokens=5)
+                assert running.result()[0] == 200 and queued.result()[0] == 200
+                assert chat(http, max_tokens=2)[0] == 200
+        finally:
+            restore()
+
+
 def test_a_slow_client_is_cut_off(server):
     """Review: a client sending a byte every 10-20 s held a thread forever (uvicorn's
     timer restarts on every byte); here the whole request must arrive in request_timeout."""

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .engine import Sequence
+from .engine import EngineBusy, Sequence
 from .output import ContentBeforeCalls, assistant_message
 from .protocol import APIError, error_body, parse_request
 
@@ -100,7 +100,7 @@ class _Guard:
 def _add_error_handlers(app):
     @app.exception_handler(APIError)
     async def _api_error(request, e):
-        return _error_response(e.status, e.message, e.param, e.code)
+        return _error_response(e.status, e.message, e.param, e.code, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
@@ -171,7 +171,11 @@ async def _complete(server, request):
             pass
 
     seq = Sequence(job.prompt_ids, job.max_tokens, on_event, params=job.sampling, cache_salt=job.cache_salt)
-    server.engine.submit(seq)
+    try:
+        server.engine.submit(seq)
+    except EngineBusy as e:                                   # the queue is full: come back later
+        raise APIError(429, f"The server is busy: {e}. Please retry after a short wait.",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after)}) from None
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
     if req.stream:
         return StreamingResponse(_stream(request, seq, queue, job, head), media_type="text/event-stream",

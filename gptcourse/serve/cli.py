@@ -82,6 +82,8 @@ def _parser():
                           "prefer --api-key-file or $GPTCOURSE_API_KEY)")
     add("--max-batch", type=int, default=16,
         help="sequences decoded together (default 16; 1: one request at a time)")
+    add("--max-waiting", type=int, default=64,
+        help="requests queued for the model at most; one more gets 429 with Retry-After (default 64)")
     add("--max-step-tokens", type=int, default=256,
         help="new tokens per forward pass, prompts and answers together; a longer prompt is "
              "read in pieces, so the answers in progress keep coming (default 256)")
@@ -127,6 +129,7 @@ def _check_numbers(parser, args):
     """Exit 2 on a count out of range."""
     for flag, value, least in (("--threads", args.threads, 1), ("--max-batch", args.max_batch, 1),
                                ("--max-step-tokens", args.max_step_tokens, 1),
+                               ("--max-waiting", args.max_waiting, 1),
                                ("--prefix-cache-tokens", args.prefix_cache_tokens, 0)):
         try:
             if value is not None:
@@ -168,6 +171,7 @@ def main(argv=None):
         server = serve(model, tokenizer, args.host, args.port, model_name=args.model_name, api_key=api_key,
                        max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
                        max_step_tokens=args.max_step_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
+                       max_waiting=args.max_waiting,
                        max_context=args.max_context, log_requests=args.verbose)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -65,10 +65,20 @@ class Sequence:
         self.cancelled = True
 
 
+class EngineBusy(Exception):
+    """submit() with max_waiting sequences already queued; retry_after: seconds to suggest."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Engine:
     """Continuous batching in a background thread.
 
-    submit(seq) queues a Sequence. Every step is planned within a budget of
+    submit(seq) queues a Sequence, or raises EngineBusy when max_waiting are
+    already queued (the server answers 429 with Retry-After: a full queue
+    turns a burst into refusals a client can retry, not minutes of waiting). Every step is planned within a budget of
     max_step_tokens new tokens: each decoding sequence brings its newest
     token, then the prompts being read bring their next pieces, in order of
     arrival, then waiting sequences join (while fewer than max_batch are
@@ -90,8 +100,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch=16, max_length=2048, max_step_tokens=256,
-                 prefix_tokens=4096):
+                 prefix_tokens=4096, max_waiting=64):
         self.max_batch = positive_int("max_batch", max_batch)
+        self.max_waiting = positive_int("max_waiting", max_waiting)
         self.max_step_tokens = positive_int("max_step_tokens", max_step_tokens)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch = make_batch(model, max_batch, max_length, prefix_tokens)
@@ -110,6 +121,10 @@ class Engine:
         with self.cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineBusy(f"{len(self.waiting)} requests are waiting for the model "
+                                 f"and {len(self.active)} are being answered",
+                                 retry_after=1 + len(self.waiting) // self.max_batch)
             self.waiting.append(seq)
             self.cond.notify()
         return seq

@@ -21,7 +21,7 @@ SWITCHED_BY = {"top_logprobs": "logprobs", "stream_options": "stream"}   # field
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
                413: "invalid_request_error", 415: "invalid_request_error",
-               503: "service_unavailable"}
+               429: "rate_limit_error", 503: "service_unavailable"}
 
 
 # ----------------------------------------------------------------------------
@@ -31,9 +31,10 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 class APIError(Exception):
     """A request the server refuses: an HTTP status and an OpenAI-style error."""
 
-    def __init__(self, status, message, param=None, code=None):
+    def __init__(self, status, message, param=None, code=None, headers=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def error_body(status, message, param=None, code=None):

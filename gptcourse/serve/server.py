@@ -137,7 +137,7 @@ class ChatServer:
     def __init__(self, model, tokenizer, host="127.0.0.1", port=0, model_name=None, api_key=None,
                  max_tokens_cap=MAX_TOKENS_CAP, default_max_tokens=DEFAULT_MAX_TOKENS,
                  max_body_bytes=MAX_BODY_BYTES, max_batch=16, max_context=MAX_CONTEXT,
-                 max_step_tokens=256, prefix_cache_tokens=4096,
+                 max_step_tokens=256, prefix_cache_tokens=4096, max_waiting=64,
                  request_timeout=30.0, max_connections=256, default_system=SMOLLM2_SYSTEM,
                  log_requests=False):
         check_bind(host, api_key)
@@ -147,7 +147,7 @@ class ChatServer:
             raise ValueError(f"model_name must be a non-empty string without '/', got {model_name!r}")
         for name, value in (("max_tokens_cap", max_tokens_cap), ("max_body_bytes", max_body_bytes),
                             ("default_max_tokens", default_max_tokens), ("max_batch", max_batch),
-                            ("max_step_tokens", max_step_tokens),
+                            ("max_step_tokens", max_step_tokens), ("max_waiting", max_waiting),
                             ("max_context", max_context), ("max_connections", max_connections)):
             positive_int(name, value)
         positive_int("prefix_cache_tokens", prefix_cache_tokens, least=0)
@@ -162,7 +162,7 @@ class ChatServer:
         self.created = int(time.time())
         self._sock = self._bind(host, port)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_step_tokens=max_step_tokens,
-                             prefix_tokens=prefix_cache_tokens,
+                             prefix_tokens=prefix_cache_tokens, max_waiting=max_waiting,
                              max_length=max_context if self.chatml else 1 << 30)
         self._start(request_timeout, max_connections, log_requests)
 
