@@ -460,7 +460,7 @@ def _closed(sock, timeout):
 def test_many_dawdling_connections_neither_stall_others_nor_stay(model, tok):
     """Review: 1,300 slow connections were each held by a thread, and closing them
     stalled the server 12 s; here they cost no thread and are cut at the deadline."""
-    with serve(model, tok, request_timeout=1.0) as s:
+    with serve(model, tok, request_timeout=1.0, max_connections_per_address=100) as s:   # all from 127.0.0.1
         socks = [socket.create_connection((s.host, s.port), timeout=10) for _ in range(60)]
         for sock in socks:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -473,13 +473,58 @@ def test_many_dawdling_connections_neither_stall_others_nor_stay(model, tok):
         assert httpx.get(s.url + "/health", timeout=5).status_code == 200
 
 
-def test_connections_over_the_cap_are_closed_at_once(model, tok):
+def _refused_with_json_503(sock, timeout):
+    """True if the server answered this (silent) connection with its JSON 503 and closed it."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head and \
+        json.loads(body)["error"]["code"] == "too_many_connections"
+
+
+def test_connections_over_the_cap_are_refused_at_once_in_json(model, tok):
     with serve(model, tok, request_timeout=10.0, max_connections=10) as s:
         socks = [socket.create_connection((s.host, s.port), timeout=10) for _ in range(12)]
         start = time.monotonic()
-        assert [_closed(sock, 0.3) for sock in socks].count(True) == 2
+        assert [_refused_with_json_503(sock, 0.3) for sock in socks].count(True) == 2
         assert time.monotonic() - start < 8
         for sock in socks:
+            sock.close()
+
+
+def test_one_address_cannot_lock_others_out_with_idle_connections(model, tok):
+    """Issue 27: 300 idle connections (no byte sent, no key) reset every real request for
+    25-31 s, renewable forever. Here one address holds at most max_connections_per_address;
+    its next connection gets the JSON 503 at once, another address (127.0.0.2, the same
+    machine) is served meanwhile, and an idle connection is closed 5 s after connecting."""
+    with serve(model, tok, max_connections=50, max_connections_per_address=8) as s:
+        idle = [socket.create_connection((s.host, s.port), timeout=10) for _ in range(8)]
+        extra = socket.create_connection((s.host, s.port), timeout=10)
+        assert _refused_with_json_503(extra, 2)
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(10)
+        other.connect((s.host, s.port))
+        raw = json.dumps(body()).encode()
+        other.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\nConnection: close\r\n"
+                      + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        reply = b""
+        while chunk := other.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        assert all(_closed(sock, 8) for sock in idle)              # the first-byte timeout
+        assert time.monotonic() - start < 7
+        assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+        for sock in idle + [extra, other]:
             sock.close()
 
 

@@ -12,6 +12,7 @@ forever: `_DeadlineProtocol` adds a deadline for receiving a whole request.
     (True, True, False)
 """
 import ipaddress
+import json
 import logging
 import socket
 import threading
@@ -27,6 +28,7 @@ from .app import _Guard, build_app
 from .engine import Engine
 from .params import positive_int
 from .prompt import prepare
+from .protocol import error_body
 
 log = logging.getLogger("gptcourse.serve")
 
@@ -37,21 +39,39 @@ MAX_CONTEXT = 2048            # prompt + completion tokens of the real model (it
 
 
 class _DeadlineProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol (h11) with two additions: a connection must
-    deliver each whole request (headers and body) within request_timeout
-    seconds of its first byte, or of connecting, else it is closed; and no
-    more than max_connections connections are kept (newer ones are closed).
+    """uvicorn's HTTP/1.1 protocol (h11) with these additions:
+
+    - a new connection must send its first byte within first_byte_timeout
+      seconds (an idle connection holds nothing for long), and each whole
+      request (headers and body) within request_timeout seconds of its first
+      byte, else it is closed;
+    - no more than max_connections connections in all, and no more than
+      max_per_address from one address (so one client's idle connections cannot
+      lock the others out): a connection over either cap gets a 503 in
+      OpenAI's JSON shape, with Retry-After, and is closed.
     """
     request_timeout = 30.0
+    first_byte_timeout = 5.0
     max_connections = 256
+    max_per_address = 32
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self._deadline = None
+        self._deadline, self._seen_bytes = None, False
+        peer = self.client[0] if self.client else None
         if len(self.connections) > self.max_connections:
-            transport.close()
-            return
-        self._start_deadline()
+            return self._refuse("the server has too many open connections")
+        if peer is not None and sum(getattr(c, "client", None) is not None and c.client[0] == peer
+                                    for c in self.connections) > self.max_per_address:
+            return self._refuse(f"too many open connections from {peer} (at most {self.max_per_address})")
+        self._deadline = self.loop.call_later(min(self.first_byte_timeout, self.request_timeout), self._too_slow)
+
+    def _refuse(self, why):
+        body = json.dumps(error_body(503, f"{why}; retry in a moment", code="too_many_connections")).encode()
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\n"
+                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.transport.close()
 
     def _start_deadline(self):
         if self._deadline is None:
@@ -60,10 +80,15 @@ class _DeadlineProtocol(H11Protocol):
     def _too_slow(self):
         self._deadline = None
         if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
-            log.info("closing a connection that did not send its request in %s s", self.request_timeout)
+            log.info("closing a connection that did not send its request in time")
             self.transport.close()
 
     def data_received(self, data):
+        if not self._seen_bytes:            # the first byte: now the whole request, in request_timeout
+            self._seen_bytes = True
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
         self._start_deadline()
         super().data_received(data)
         if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) and self._deadline is not None:
@@ -138,7 +163,8 @@ class ChatServer:
                  max_tokens_cap=MAX_TOKENS_CAP, default_max_tokens=DEFAULT_MAX_TOKENS,
                  max_body_bytes=MAX_BODY_BYTES, max_batch=16, max_context=MAX_CONTEXT,
                  max_step_tokens=256, prefix_cache_tokens=4096, max_waiting=64,
-                 request_timeout=30.0, max_connections=256, default_system=SMOLLM2_SYSTEM,
+                 request_timeout=30.0, max_connections=256, max_connections_per_address=32,
+                 default_system=SMOLLM2_SYSTEM,
                  log_requests=False):
         check_bind(host, api_key)
         self.chatml = _check_model(model, tokenizer)
@@ -148,7 +174,8 @@ class ChatServer:
         for name, value in (("max_tokens_cap", max_tokens_cap), ("max_body_bytes", max_body_bytes),
                             ("default_max_tokens", default_max_tokens), ("max_batch", max_batch),
                             ("max_step_tokens", max_step_tokens), ("max_waiting", max_waiting),
-                            ("max_context", max_context), ("max_connections", max_connections)):
+                            ("max_context", max_context), ("max_connections", max_connections),
+                            ("max_connections_per_address", max_connections_per_address)):
             positive_int(name, value)
         positive_int("prefix_cache_tokens", prefix_cache_tokens, least=0)
         if not isinstance(request_timeout, (int, float)) or not request_timeout > 0:
@@ -164,7 +191,7 @@ class ChatServer:
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_step_tokens=max_step_tokens,
                              prefix_tokens=prefix_cache_tokens, max_waiting=max_waiting,
                              max_length=max_context if self.chatml else 1 << 30)
-        self._start(request_timeout, max_connections, log_requests)
+        self._start(request_timeout, max_connections, max_connections_per_address, log_requests)
 
     def _bind(self, host, port):
         """The listening socket; sets .host, .port, .url and the Host headers that name it."""
@@ -184,14 +211,16 @@ class ChatServer:
         self._allowed_hosts = {"127.0.0.1", "localhost", "::1", "[::1]", self.host.lower(), shown.lower()}
         return sock
 
-    def _start(self, request_timeout, max_connections, log_requests):
+    def _start(self, request_timeout, max_connections, max_per_address, log_requests):
         """uvicorn in a thread, on the socket; returns once it serves."""
         protocol = type("DeadlineProtocol", (_DeadlineProtocol,),
-                        {"request_timeout": float(request_timeout), "max_connections": max_connections})
+                        {"request_timeout": float(request_timeout), "max_connections": max_connections,
+                         "max_per_address": max_per_address})
         self.app = _Guard(build_app(self), self)
         config = uvicorn.Config(self.app, http=protocol, lifespan="off", access_log=log_requests,
                                 log_level="info" if log_requests else "warning", timeout_keep_alive=5,
-                                limit_concurrency=max_connections, timeout_graceful_shutdown=2,
+                                limit_concurrency=max_connections + 1,   # ours refuse first, in JSON
+                                timeout_graceful_shutdown=2,
                                 server_header=False, date_header=False)
         self._uvicorn = uvicorn.Server(config)
         self._uvicorn.install_signal_handlers = lambda: None       # older uvicorn: not in a thread
@@ -270,8 +299,10 @@ def serve(model, tokenizer, host="127.0.0.1", port=0, **options):
     conversations kept for prompts that start the same way; 0: none),
     max_tokens_cap (1024),
     default_max_tokens (256), max_context (2048 tokens, the real model),
-    max_body_bytes (1 MiB), request_timeout (30 s to send a whole request),
-    max_connections (256), default_system (SmolLM2's system prompt),
+    max_body_bytes (1 MiB), request_timeout (30 s to send a whole request;
+    the first byte within 5 s of connecting), max_connections (256),
+    max_connections_per_address (32), max_waiting (64 requests queued; one
+    more gets 429), default_system (SmolLM2's system prompt),
     log_requests (False). Returns a running ChatServer.
     """
     return ChatServer(model, tokenizer, host=host, port=port, **options)
