@@ -25,8 +25,6 @@ scorers at the end of this file: next_token_logprobs, score_continuations
 and wilson_interval.
 """
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 
@@ -346,28 +344,10 @@ def _check_id_lists(sequences, name, vocab_size):
     return out
 
 
-@contextmanager
-def _final_hidden_states(model):
-    """Inside, model(idx)[0] is the last hidden states (B, T, C), after the final
-    norm, instead of the logits; yields the output layer (lm_head), to apply to
-    the positions wanted only. A chat model's output layer is large (SmolLM2:
-    49,152 x 576, a quarter of the arithmetic per token), and a score needs it
-    at a few positions of each sequence, not at all of them. A model with no
-    `lm_head` attribute is left as it is (yields the identity)."""
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Module):
-        yield nn.Identity()
-        return
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
-
-
-def _padded_batches(model, sequences, batch_size):
+def _padded_batches(model, sequences, batch_size, run):
     """Yield (rows, outputs (b, T, ...)): the sequences of `rows` (indices into
-    sequences), right-padded with token 0 to their longest, in one forward pass.
+    sequences), right-padded with token 0 to their longest, in one forward pass
+    of run(idx, caches=None) -> (b, T, ...) (model.features, say).
 
     Sequences are sorted by length first, so a batch holds similar lengths and
     little padding. Right padding changes nothing before it: in a causal model
@@ -401,17 +381,17 @@ def _padded_batches(model, sequences, batch_size):
         for r, s in enumerate(seqs):
             idx[r, :len(s) - P] = torch.tensor(s[P:])
         if P == 0:
-            yield rows, model(idx.to(device))[0]
+            yield rows, run(idx.to(device))
             continue
         caches = [KVCache() for _ in model.blocks]
-        head = model(torch.tensor([seqs[0][:P]], device=device), caches=caches)[0]      # (1, P, V)
+        head = run(torch.tensor([seqs[0][:P]], device=device), caches=caches)           # (1, P, ...)
         shared = []
         for cache in caches:                             # the prefix's keys and values, for every row
             copy = KVCache()
             copy.update(cache.k.expand(len(rows), -1, -1, -1), cache.v.expand(len(rows), -1, -1, -1))
             shared.append(copy)
-        tail = model(idx.to(device), caches=shared)[0]                                 # (b, T - P, V)
-        yield rows, torch.cat([head.expand(len(rows), -1, -1), tail], dim=1)           # (b, T, V)
+        tail = run(idx.to(device), caches=shared)                                      # (b, T - P, ...)
+        yield rows, torch.cat([head.expand(len(rows), -1, -1), tail], dim=1)           # (b, T, ...)
 
 
 @torch.no_grad()
@@ -439,15 +419,21 @@ def next_token_logprobs(model, sequences, positions=None, batch_size=16):
         if not isinstance(pos, (list, tuple)) or not all(isinstance(t, int) and 0 <= t < len(seq)
                                                          for t in pos):
             raise ValueError(f"positions[{i}] must be a list of ints in [0, {len(seq)}), got {pos!r:.80}")
+    # the output layer is large (SmolLM2: 49,152 x 576, a quarter of the arithmetic per token) and
+    # a score needs it at a few positions: a model with `features` gets it there only
+    if hasattr(model, "features"):
+        run, head = model.features, model.lm_head                        # (b, T, C), then C -> V
+    else:
+        run, head = (lambda idx, caches=None: (model(idx) if caches is None else model(idx, caches=caches))[0],
+                     nn.Identity())
     out = [None] * len(sequences)
     try:
-        with _final_hidden_states(model) as head:
-            for rows, hidden in _padded_batches(model, sequences, batch_size):     # (b, T, C)
-                picked = torch.cat([hidden[r, torch.tensor(positions[i], dtype=torch.long, device=hidden.device)]
-                                    for r, i in enumerate(rows)])                  # (positions of the batch, C)
-                logp = torch.log_softmax(head(picked).float(), dim=-1).cpu()       # (positions, V)
-                for i, part in zip(rows, logp.split([len(positions[i]) for i in rows])):
-                    out[i] = part                                                  # (k, V)
+        for rows, outputs in _padded_batches(model, sequences, batch_size, run):
+            picked = torch.cat([outputs[r, torch.tensor(positions[i], dtype=torch.long, device=outputs.device)]
+                                for r, i in enumerate(rows)])                  # (positions of the batch, ...)
+            logp = torch.log_softmax(head(picked).float(), dim=-1).cpu()       # (positions, V)
+            for i, part in zip(rows, logp.split([len(positions[i]) for i in rows])):
+                out[i] = part                                                  # (k, V)
     finally:
         model.train(was_training)
     return torch.cat(out) if last else out

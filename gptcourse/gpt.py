@@ -188,15 +188,21 @@ class GPT(nn.Module):
         Returns (logits (B, T, V), loss or None); targets equal to -100 are
         ignored by the loss (as the masked-LM targets of gptcourse.bert are).
         """
-        T, past = check_forward_inputs(idx, targets, caches, self.config.block_size)
-        x = self.drop(self.wte(idx) + self.wpe(T, offset=past))                   # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if caches is None else caches[i])
-        logits = self.lm_head(self.ln_f(x))                                        # (B, T, V)
+        logits = self.lm_head(self.features(idx, caches, targets))                 # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def features(self, idx, caches=None, targets=None):
+        """The last hidden states, after the final norm: (B, T, C), what lm_head
+        turns into logits (a scorer that needs a few positions' logits applies
+        lm_head to those only). Arguments and checks as forward's."""
+        T, past = check_forward_inputs(idx, targets, caches, self.config.block_size)
+        x = self.drop(self.wte(idx) + self.wpe(T, offset=past))                   # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if caches is None else caches[i])
+        return self.ln_f(x)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

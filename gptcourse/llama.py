@@ -282,6 +282,15 @@ class Llama(nn.Module):
     def forward(self, idx, targets=None, caches=None):
         """idx: (B, T) token ids; targets: (B, T) or None (-100 = ignored);
         caches: one KVCache per block. Returns (logits (B, T, V) float32, loss)."""
+        logits = self.lm_head(self.features(idx, caches, targets)).float()             # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def features(self, idx, caches=None, targets=None):
+        """The last hidden states, after the final norm: (B, T, C), what lm_head
+        turns into logits. Arguments and checks as forward's."""
         T, past = check_forward_inputs(idx, targets, caches, self.config.block_size)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KVCache per block ({len(self.blocks)}), got {len(caches)}")
@@ -290,11 +299,7 @@ class Llama(nn.Module):
         x = self.wte(idx)                                                              # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, angles, cache=None if caches is None else caches[i])
-        logits = self.lm_head(self.rms_f(x)).float()                                   # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return self.rms_f(x)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -371,8 +371,8 @@ def test_train_course_model_is_the_recipe(steps, options, by_hand):
 
 def test_next_token_logprobs_applies_the_head_at_the_positions_only_and_puts_it_back():
     """The output layer runs on the positions asked for only (not on every padded
-    position); the numbers are those of the model's own forward pass, and the model
-    has its lm_head back afterwards, also when the call fails."""
+    position: model.features, then lm_head); the numbers are those of the model's own
+    forward pass, and the model keeps its lm_head, also when the call fails."""
     from gptcourse.chat import next_token_logprobs
     from gptcourse.llama import Llama, LlamaConfig
     torch.manual_seed(0)
