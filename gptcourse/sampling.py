@@ -108,6 +108,9 @@ def model_step(model, use_cache=True):
     the last block_size tokens, the model's own forward pass. A model without
     config.block_size sees everything. A tool loop feeds the step more than
     one new token (the last token and a tool's result), and it goes on.
+    step.select_rows(rows (K,)) keeps those sequences of the batch, in that
+    order (repeats allowed), in the window and the caches: beam search's beams
+    taking their parents' context.
     """
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     window, length, caches = None, 0, None           # what the model can see; the whole length
@@ -122,6 +125,13 @@ def model_step(model, use_cache=True):
                 caches = [KVCache() for _ in model.blocks]
             return model(new_ids, caches=caches)[0][:, -1, :]
         return model(window)[0][:, -1, :]              # recompute the whole (cropped) context
+
+    def select_rows(rows):
+        nonlocal window
+        window = window[rows]
+        for cache in caches or ():
+            cache.select_rows(rows)
+    step.select_rows = select_rows
     return step
 
 
@@ -187,10 +197,10 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
     length_penalty: continuations are ranked by score / n**length_penalty,
         n its number of new tokens (0: by the plain sum of log-probs, which
         favours short ones when eos_id is set).
-    use_cache: keep one KVCache per block (a model with .blocks, as
-        model_step), reordered to follow the beams, so each step feeds one
-        token per beam instead of recomputing every beam's whole window
-        (the logits agree to rounding; past block_size it recomputes).
+    use_cache: model_step's KV caches (a model with .blocks), reordered to
+        follow the beams, so each step feeds one token per beam instead of
+        recomputing every beam's whole window (the logits agree to rounding;
+        past block_size it recomputes).
     Returns (ids (1, T + n), score): the best continuation appended to the
     prompt, and its summed log-probability (not length-normalised).
     """
@@ -202,7 +212,6 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
         raise ValueError(f"beam_width must be a positive integer, got {beam_width!r}")
     if length_penalty < 0:
         raise ValueError(f"length_penalty must be >= 0, got {length_penalty!r}")
-    block_size = getattr(getattr(model, "config", None), "block_size", None)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -213,26 +222,18 @@ def beam_search(model, idx, max_new_tokens, beam_width=4, eos_id=None, length_pe
     beams = idx                                           # (K, T + step) alive continuations
     scores = torch.zeros(1, dtype=torch.float64, device=idx.device)      # (K,) summed log-probs
     finished = []                                         # (rank, score, ids (1, T + n))
-    caches = [KVCache() for _ in model.blocks] if use_cache and hasattr(model, "blocks") else None
-    new_ids = idx                                         # what the cache has not seen yet
+    next_logits = model_step(model, use_cache and hasattr(model, "blocks"))
+    new_ids = idx                                         # what the step has not seen yet
     try:
         for step in range(1, max_new_tokens + 1):
-            if caches is not None and (block_size is None or beams.shape[1] <= block_size):
-                logits = model(new_ids, caches=caches)[0][:, -1, :]          # (K, V)
-            else:
-                caches = None                             # past block_size: recompute the window
-                window = beams if block_size is None else beams[:, -block_size:]
-                logits = model(window)[0][:, -1, :]                          # (K, V)
+            logits = next_logits(new_ids)                                    # (K, V)
             keep_rows, keep_scores, parents, ended = _extend_beams(beams, scores, logits, beam_width, eos_id)
             finished += [(rank(score, step), score, ids) for score, ids in ended]
             if not keep_rows:
                 break
             beams, scores = torch.stack(keep_rows), torch.stack(keep_scores)
-            if caches is not None:                        # each kept beam takes its parent's keys and values
-                rows = torch.tensor(parents, device=idx.device)
-                for cache in caches:
-                    cache.select_rows(rows)
-                new_ids = beams[:, -1:]
+            next_logits.select_rows(torch.tensor(parents, device=idx.device))   # each beam, its parent's context
+            new_ids = beams[:, -1:]
             # no alive continuation can beat the best finished one any more: stop
             if finished and length_penalty == 0 and scores.max().item() < max(f[1] for f in finished):
                 break
