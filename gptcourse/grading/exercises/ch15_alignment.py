@@ -16,6 +16,9 @@ _NO_REF_HINT = ("Subtract the reference model's log-probabilities: DPO's implici
                 "beta * (log pi(y) - log pi_ref(y)), so the margin is (pi_c - ref_c) - (pi_r - ref_r). "
                 "Without them nothing keeps the policy near the reference.")
 _NO_BETA_HINT = "Multiply the margin by beta before the sigmoid: -log sigmoid(beta * margin)."
+# three ways of starting B random, one mistake
+_B_ZERO_HINT = ("B starts at ZERO (only A is random): then B @ A = 0 and the adapted layer's output at the "
+                "start is exactly the base layer's, so fine-tuning starts from the model you had.")
 
 
 # ----------------------------------------------------------------------------
@@ -311,15 +314,9 @@ EXERCISES = [
              [Case("in 16, out 8, rank 2", _lora_init_inputs(16, 8, 2), 2),
               Case("SmolLM2's w_v: in 576, out 192, rank 8", _lora_init_inputs(576, 192, 8), 2),
               Case("in 10, out 12, rank 1", _lora_init_inputs(10, 12, 1))],
-             [("B uniform", _lora_init_variant("B uniform"),
-               "B starts at ZERO (only A is random): then B @ A = 0 and the adapted layer's output at the "
-               "start is exactly the base layer's, so fine-tuning starts from the model you had."),
-              ("B like A", _lora_init_variant("B like A"),
-               "B starts at ZERO (only A is random): then B @ A = 0 and the adapted layer's output at the "
-               "start is exactly the base layer's, so fine-tuning starts from the model you had."),
-              ("B normal", _lora_init_variant("B normal"),
-               "B starts at ZERO (only A is random): then B @ A = 0 and the adapted layer's output at the "
-               "start is exactly the base layer's, so fine-tuning starts from the model you had."),
+             [("B uniform", _lora_init_variant("B uniform"), _B_ZERO_HINT),
+              ("B like A", _lora_init_variant("B like A"), _B_ZERO_HINT),
+              ("B normal", _lora_init_variant("B normal"), _B_ZERO_HINT),
               ("both zero", _lora_init_variant("both zero"),
                "A must be random: with A = 0 and B = 0 both gradients are 0 (each is the other times "
                "something) and the adapter never learns."),
