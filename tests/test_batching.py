@@ -93,18 +93,23 @@ def test_prefix_cache_finds_the_longest_shared_beginning_and_forgets_the_oldest(
 
 
 def test_a_prompt_starts_from_a_remembered_conversation(tiny_llama):
-    batch = LlamaBatch(tiny_llama, rows=2, max_length=64)
+    """Blocks of 4 tokens: a remembered 8-token prompt is 2 whole blocks, [7 8 9 10]
+    and [11 12 1 2]; a later prompt finds the whole blocks it begins with (never
+    its last token: that one is computed), and shares them (the same block ids)."""
+    batch = LlamaBatch(tiny_llama, rows=2, max_length=64, block_size=4)
     shared = [7, 8, 9, 10, 11, 12]
     assert batch.start(0, shared + [1, 2]) == (shared + [1, 2], 0)     # nothing remembered yet
     logits = batch.step([shared + [1, 2]])
     torch.testing.assert_close(logits[0], tiny_llama(torch.tensor([shared + [1, 2]]))[0][0, -1],
                                atol=1e-5, rtol=1e-5)
     batch.remember(0, shared + [1, 2])
-    assert batch.start(1, shared + [3]) == ([3], len(shared)) and batch.reused == len(shared)
-    logits = batch.step([[5], [3]])                    # row 0 decodes, row 1 reads the rest of its prompt
+    assert batch.start(1, shared + [3]) == ([11, 12, 3], 4) and batch.reused == 4   # 1 whole block of 6
+    assert batch.cache.tables[1][0] == batch.cache.tables[0][0]        # shared, not copied
+    logits = batch.step([[5], [11, 12, 3]])            # row 0 decodes, row 1 reads the rest of its prompt
     for row, s in enumerate([shared + [1, 2, 5], shared + [3]]):
         torch.testing.assert_close(logits[row], tiny_llama(torch.tensor([s]))[0][0, -1], atol=1e-5, rtol=1e-5)
-    assert batch.start(1, shared + [1, 2]) == ([2], 7)  # the same prompt again: all but its last token
+    assert batch.start(1, shared + [1, 2]) == ([11, 12, 1, 2], 4)      # 7 tokens to look up: 1 whole block
+    assert batch.start(1, shared + [1, 2, 4]) == ([4], 8)              # 8: both blocks
     with pytest.raises(ValueError, match="holds 9 positions, not 6"):
         batch.remember(0, shared)
     with pytest.raises(ValueError, match="max_length=64"):
@@ -154,6 +159,20 @@ def test_stop_matcher_agrees_with_str_find():
             assert found is None
 
 
+def _engine(model, block_size, **settings):
+    """An Engine whose LlamaBatch has blocks of block_size tokens (the server's
+    16 would find nothing in these tests' short prompts)."""
+    engine = Engine(model, Ids(), **settings)
+    with engine.cond:                                  # before any request: the loop waits
+        engine.batch = LlamaBatch(model, engine.max_batch, settings["max_length"], block_size=block_size)
+    return engine
+
+
+class Ids:                                             # a tokenizer that writes token ids as text
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
 def _decode(engine, prompts, n, **settings):
     done, results = threading.Event(), {}
 
@@ -178,12 +197,7 @@ def test_engine_batched_greedy_equals_one_at_a_time(tiny_llama, max_step_tokens)
     torch.manual_seed(2)
     prompts = [torch.randint(0, 50, (n,)).tolist() for n in (3, 11, 7, 20, 1)]
     expected = [tiny_llama.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist() for p in prompts]
-
-    class Ids:                                         # a tokenizer that writes token ids as text
-        def decode(self, ids):
-            return "".join(f"<{i}>" for i in ids)
-
-    engine = Engine(tiny_llama, Ids(), max_batch=3, max_length=64, max_step_tokens=max_step_tokens)
+    engine = _engine(tiny_llama, 4, max_batch=3, max_length=64, max_step_tokens=max_step_tokens)
     try:
         seqs, results = _decode(engine, prompts, 12, temperature=0)
         assert [s.tokens for s in seqs] == expected
@@ -191,13 +205,14 @@ def test_engine_batched_greedy_equals_one_at_a_time(tiny_llama, max_step_tokens)
         stats = dict(engine.stats)
         assert stats["max_batch_seen"] == 3 and stats["prefills"] == 5
         assert stats["prompt_tokens"] == sum(map(len, prompts)) and stats["reused_tokens"] == 0
-        # a follow-up: the first conversation and a new turn; all but the answer's
-        # last token (never fed to the model) comes from the prefix cache
+        # a follow-up: the first conversation and a new turn; the whole blocks of
+        # the conversation but the answer's last token (never fed to the model)
+        # come from the prefix cache: 20 + 11 = 31 tokens, 7 blocks of 4
         follow = prompts[3] + expected[3] + [4, 5]
         seqs, results = _decode(engine, [follow], 3, temperature=0)
         assert results[0][0] == "end", results
         assert seqs[0].tokens == tiny_llama.generate(torch.tensor([follow]), 3, temperature=0)[0, len(follow):].tolist()
-        assert engine.stats["reused_tokens"] == len(prompts[3]) + 11
+        assert engine.stats["reused_tokens"] == 28
     finally:
         engine.stop()
     with pytest.raises(ValueError, match="max_step_tokens"):
@@ -208,10 +223,6 @@ def test_a_long_prompt_is_read_in_pieces_while_another_answer_keeps_coming(tiny_
     """Chunked prefill: with a budget of 8 tokens a step, a 60-token prompt that
     arrives while a sequence decodes takes 8 steps, and every one of them also
     gives the decoding sequence its next token."""
-    class Ids:
-        def decode(self, ids):
-            return "".join(f"<{i}>" for i in ids)
-
     engine = Engine(tiny_llama, Ids(), max_batch=2, max_length=128, max_step_tokens=8)
     steps, step = [], engine.batch.step
 
@@ -251,11 +262,8 @@ def test_requests_that_share_a_beginning_join_and_leave_and_find_it_in_the_prefi
     pass; each later one joins when a row frees up and finds exactly the shared
     beginning in the prefix cache (their next tokens all differ, so nothing more
     can match). Answers of different lengths leave at different steps; every
-    answer is one-at-a-time greedy decoding's."""
-    class Ids:
-        def decode(self, ids):
-            return "".join(f"<{i}>" for i in ids)
-
+    answer is one-at-a-time greedy decoding's. Blocks of 5 tokens: the shared
+    beginning is 2 whole blocks."""
     torch.manual_seed(4)
     shared = torch.randint(0, 50, (10,)).tolist()
     firsts = torch.randperm(50)[:5].tolist()                       # distinct: the prompts part here
@@ -263,7 +271,7 @@ def test_requests_that_share_a_beginning_join_and_leave_and_find_it_in_the_prefi
     lengths = [3, 8, 5, 6, 4]
     expected = [tiny_llama.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
                 for p, n in zip(prompts, lengths)]
-    engine = Engine(tiny_llama, Ids(), max_batch=2, max_length=64)
+    engine = _engine(tiny_llama, 5, max_batch=2, max_length=64)
     steps, step = [], engine.batch.step
 
     def recorded(chunks):

@@ -91,11 +91,14 @@ def test_greedy_answer_equals_reply_and_streaming_agrees(client, smollm2):
     assert r.usage.prompt_tokens == len(tok.encode(format_chatml(FRANCE)))
     again = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0)
     assert again.choices[0].message.content == expected          # read from the prefix cache: the same answer
-    assert again.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+    # whole blocks of 16 tokens only: of the 37-token prompt the last is always
+    # computed, and the 36 before it are 2 whole blocks (32 tokens) and 4 more
+    assert r.usage.prompt_tokens == 37
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
     # with a cache salt (vLLM's extension), a client does not see what others sent
     salted = [client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=1, temperature=0,
                                              extra_body={"cache_salt": salt}) for salt in ("alice", "alice", "bob")]
-    assert [s.usage.prompt_tokens_details.cached_tokens for s in salted] == [0, r.usage.prompt_tokens - 1, 0]
+    assert [s.usage.prompt_tokens_details.cached_tokens for s in salted] == [0, 32, 0]
     stream = client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=12, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
@@ -138,8 +141,10 @@ def test_a_named_tool_choice_gives_a_tool_call_and_its_result_is_read(client):
 
 
 def test_health_reports_the_engine_and_the_kv_cache(server, client, smollm2):
-    """/health (issue 27): sequences running and queued, the KV cache's bytes (allocated: rows x
-    capacity x layers x 2 x kv heads x d x 4) and positions in use, the prefix cache, the RSS."""
+    """/health (issue 27): sequences running and queued, the paged KV cache's pool
+    (allocated: blocks x 16 positions x layers x 2 x kv heads x d x 4 bytes) and
+    what is in use, the prefix cache, the RSS. With nothing running, the blocks in
+    use are exactly the prefix cache's: every finished row gave its own back."""
     import httpx
     model, _ = smollm2
     client.chat.completions.create(model=NAME, messages=FRANCE, max_tokens=4, temperature=0)
@@ -147,6 +152,10 @@ def test_health_reports_the_engine_and_the_kv_cache(server, client, smollm2):
     assert h["status"] == "ok" and h["running"] == 0 and h["waiting"] == 0
     c = model.config
     per_position = 2 * c.n_layer * c.n_kv_head * c.head_size * 4                   # 46,080 bytes
-    assert h["kv_cache_bytes"] == h["kv_cache_positions"] * per_position > 0
+    assert h["kv_cache_block_size"] == 16
+    assert h["kv_cache_bytes"] == h["kv_cache_positions"] * per_position == h["kv_cache_blocks"] * 16 * per_position
+    assert h["kv_cache_bytes_in_use"] == h["kv_cache_blocks_in_use"] * 16 * per_position > 0
     assert h["kv_cache_positions_in_use"] == 0                                      # nothing running now
-    assert h["prefix_cache_tokens"] > 0 and h["rss_bytes"] > 500 * 2**20           # the weights alone: 538 MB
+    assert h["prefix_cache_tokens"] == h["kv_cache_blocks_in_use"] * 16             # no row holds a block
+    assert h["kv_cache_blocks_in_use"] <= h["kv_cache_blocks"]
+    assert h["rss_bytes"] > 500 * 2**20                                             # the weights alone: 538 MB

@@ -4,42 +4,47 @@ The engine (gptcourse.serve.engine) sees a batch through four calls:
 start(row, prompt, salt) -> (the prompt's tokens still to read, how many came
 from the prefix cache instead); step(chunks) -> logits (n, V), one forward
 pass; remember(row, ids, salt): keep the row's keys and values for later
-prompts; move(src, dst): keep the active rows packed.
+prompts; move(src, dst): row dst is done, row src takes its place (the
+active rows stay packed).
 Two ways, one per model family of the course, on gptcourse.batching's steps:
 
-* `LlamaBatch`: rows of a RaggedKVCache, stepped by llama_step, with a
-  PrefixCache of recent conversations;
+* `LlamaBatch`: rows of a PagedKVCache (blocks of a pool, as vLLM), stepped
+  by llama_step, with a BlockPrefixCache of recent conversations that
+  shares their blocks, one table per tenant (salt);
 * `WindowBatch`: token windows of a GPT, recomputed by window_step each step.
 """
-from ..batching import PrefixCache, RaggedKVCache, llama_step, window_step
+from ..batching import BlockPrefixCache, PagedKVCache, llama_step, window_step
 
 
 class LlamaBatch:
-    """Rows of a RaggedKVCache.
+    """Rows of a PagedKVCache: blocks of block_size positions, taken from a pool as
+    a row grows and given back when its sequence ends.
 
     start(row, prompt, salt) -> (the prompt's tokens still to be read, how
-    many came from the prefix cache instead); step(chunks) -> logits (n, V);
-    remember(row, ids, salt): keep the row's keys and values (ids: the
-    tokens in it) for later prompts with the same salt.
+    many came from the prefix cache instead: whole blocks, a multiple of
+    block_size); step(chunks) -> logits (n, V); remember(row, ids, salt):
+    keep the row's whole blocks (ids: the tokens in it) for later prompts
+    with the same salt; move(src, dst): row dst's sequence is over, row src
+    takes its place (src == dst: the row is just released). prefix_tokens:
+    the prefix cache's capacity, in tokens (whole blocks of it).
     """
 
-    def __init__(self, model, rows, max_length, prefix_tokens=4096):
+    def __init__(self, model, rows, max_length, prefix_tokens=4096, block_size=16):
         c = model.config
         p = next(model.parameters())
         self.model = model
         self.max_length = min(max_length, c.block_size)
-        self.cache = RaggedKVCache(c.n_layer, rows, c.n_kv_head, c.head_size, self.max_length,
-                                   dtype=p.dtype, device=p.device)
-        self.prefixes = PrefixCache(prefix_tokens)
+        self.cache = PagedKVCache(c.n_layer, rows, c.n_kv_head, c.head_size, self.max_length,
+                                  block_size=block_size, dtype=p.dtype, device=p.device)
+        self.prefixes = BlockPrefixCache(self.cache, prefix_tokens // block_size)
         self.reused = 0                               # prompt tokens not recomputed, in all
 
     def start(self, row, prompt_ids, salt=None):
         if not 1 <= len(prompt_ids) <= self.max_length:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit 1 .. max_length={self.max_length}")
-        same, entry = self.prefixes.longest(prompt_ids[:-1], salt)      # leave >= 1 token to compute
-        if same:
-            self.cache.put(row, [k[:, :same] for k in entry[1]], [v[:, :same] for v in entry[2]])
-        self.cache.lengths[row] = same
+        blocks = self.prefixes.longest(prompt_ids[:-1], salt)          # leave >= 1 token to compute
+        same = len(blocks) * self.cache.block_size
+        self.cache.share(row, blocks, same)
         self.reused += same
         return list(prompt_ids[same:]), same
 
@@ -49,20 +54,32 @@ class LlamaBatch:
     def remember(self, row, ids, salt=None):
         if len(ids) != int(self.cache.lengths[row]):
             raise ValueError(f"row {row} holds {int(self.cache.lengths[row])} positions, not {len(ids)}")
-        if 0 < len(ids) <= self.prefixes.max_tokens:            # else not kept: copy nothing
-            self.prefixes.add(ids, *self.cache.get(row), salt)
+        self.prefixes.add(ids, self.cache.tables[row], salt)
+        self._trim()
 
     def move(self, src, dst):
         self.cache.move(src, dst)
+        self._trim()
+
+    def _trim(self):
+        remap = self.cache.trim()
+        if remap:
+            self.prefixes.renumber(remap)
 
     def memory(self, active):
-        """What the keys and values hold: the ragged cache's bytes and positions, the
-        positions the `active` rows use, and the prefix cache's tokens."""
+        """What the keys and values hold: the pool's bytes, blocks and positions
+        (allocated and in use: by the rows or the prefix cache), the positions the
+        `active` rows fill, and the prefix cache's tokens and tenants."""
         c = self.cache
-        return {"kv_cache_bytes": sum(t.nbytes for t in c.k + c.v),
-                "kv_cache_positions": c.rows * c.capacity,
+        return {"kv_cache_bytes": c.nbytes,
+                "kv_cache_bytes_in_use": c.used * c.block_bytes,
+                "kv_cache_block_size": c.block_size,
+                "kv_cache_blocks": c.blocks,
+                "kv_cache_blocks_in_use": c.used,
+                "kv_cache_positions": c.blocks * c.block_size,
                 "kv_cache_positions_in_use": int(c.lengths[:active].sum()) if active else 0,
-                "prefix_cache_tokens": self.prefixes.tokens}
+                "prefix_cache_tokens": self.prefixes.blocks * c.block_size,
+                "prefix_cache_tenants": len(self.prefixes.tenants)}
 
 
 class WindowBatch:
@@ -99,10 +116,10 @@ class WindowBatch:
         return {}
 
 
-def make_batch(model, rows, max_length, prefix_tokens=4096):
+def make_batch(model, rows, max_length, prefix_tokens=4096, block_size=16):
     """LlamaBatch for a model with rotary positions (gptcourse.llama), else WindowBatch."""
     from ..llama import Llama
     if isinstance(model, Llama):
-        return LlamaBatch(model, rows, max_length, prefix_tokens)
+        return LlamaBatch(model, rows, max_length, prefix_tokens, block_size)
     return WindowBatch(model, rows, max_length)
 
