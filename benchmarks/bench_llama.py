@@ -13,6 +13,10 @@ median of the repeats is reported:
 - prefill: tokens per second of one forward pass over a --prompt-token prompt;
 - peak resident memory.
 
+(gptcourse decodes a token's matrix-vector products with numpy's OpenBLAS, whose
+kernel streams a weight faster than oneMKL's torch.mv: gptcourse.llama.Linear.
+Each run gives OpenBLAS as many threads as torch.)
+
 And the bounds, measured on this host in a fresh process at each thread count:
 
 - decode reads every weight once per token (a one-row matrix product cannot
@@ -63,7 +67,15 @@ def host_run(threads, prompt_len):
     del big
     a, b = torch.randn(prompt_len, 576), torch.randn(576, 1536)
     gflop_s = 2 * prompt_len * 576 * 1536 / best_time(lambda: a @ b, 5) / 1e9
-    return {"read_gb_s": read_gb_s, "gflop_s": gflop_s}
+    # a decoding step's products, one weight of each of SmolLM2's shapes, 16 copies (53 MB, more
+    # than the caches): how fast each library's matrix-vector product streams them
+    weights = [torch.randn(rows, cols) for rows, cols in [(576, 576), (1536, 576), (576, 1536)] * 16]
+    xs = {cols: torch.randn(cols) for cols in (576, 1536)}
+    nbytes = sum(w.nbytes for w in weights)
+    mkl = nbytes / best_time(lambda: [torch.mv(w, xs[w.shape[1]]) for w in weights], 5) / 1e9
+    pairs = [(w.numpy(), xs[w.shape[1]].numpy()) for w in weights]
+    openblas = nbytes / best_time(lambda: [w @ x for w, x in pairs], 5) / 1e9
+    return {"read_gb_s": read_gb_s, "gflop_s": gflop_s, "mv_mkl_gb_s": mkl, "mv_openblas_gb_s": openblas}
 
 
 def model_costs(model, prompt_len):
@@ -120,6 +132,8 @@ def one_run(impl, threads, n_tokens, prompt_len):
 
 def child(args, run, *what):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    if run != "pinned":                     # numpy's OpenBLAS (the decode step's products) as many threads as torch
+        env["OPENBLAS_NUM_THREADS"] = run
     if run == "pinned":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
         import pinned_cpu
@@ -173,6 +187,9 @@ def main():
     read_bytes = results[("gptcourse", runs[0])][0]["read_bytes"]
     flops = results[("gptcourse", runs[0])][0]["flops_per_token"]
 
+    def short_label(threads):
+        return "1 thread, pinned" if threads == "pinned" else f"{threads} thread(s)"
+
     rows = []
     for threads in runs:
         label = "1 thread, pinned" if threads == "pinned" else f"{threads} thread(s)"
@@ -182,7 +199,9 @@ def main():
         print(f"{label}: memory read {host(threads, 'read_gb_s'):.1f} GB/s, "
               f"{read_bytes / 1e6:.0f} MB of weights per token -> decode bound {decode_bound:.1f} tokens/s; "
               f"matrix product {host(threads, 'gflop_s'):.1f} GFLOP/s, {flops / 1e6:.0f} MFLOP per token "
-              f"-> prefill bound {prefill_bound:.0f} tokens/s")
+              f"-> prefill bound {prefill_bound:.0f} tokens/s; a matrix-vector product reads "
+              f"{host(threads, 'mv_openblas_gb_s'):.1f} GB/s with OpenBLAS (numpy), "
+              f"{host(threads, 'mv_mkl_gb_s'):.1f} with oneMKL (torch.mv)")
         print(f"{'':10} {'load s':>7} {'decode tok/s':>13} {'% bound':>8} {'prefill tok/s':>14} {'% bound':>8} "
               f"{'peak MB':>8}")
         for impl in IMPLS:
@@ -214,7 +233,11 @@ def main():
                      f"rate over the {read_bytes / 1e6:.0f} MB of weights read per token; the prefill bound its "
                      f"matrix-product rate over {flops / 1e6:.0f} MFLOP per token. '1, pinned': one thread under "
                      f"the book's pinned CPU settings (those the chapters are recorded with); the other rows the "
-                     f"libraries' defaults, as in a Colab runtime."],
+                     f"libraries' defaults, as in a Colab runtime. A decoding step's products stream "
+                     + "; ".join(f"{short_label(t)}: {host(t, 'mv_openblas_gb_s'):.1f} GB/s with OpenBLAS (numpy's, "
+                                 f"which gptcourse.llama.Linear uses), {host(t, 'mv_mkl_gb_s'):.1f} with oneMKL "
+                                 f"(torch.mv), against {host(t, 'read_gb_s'):.1f} for a plain sum" for t in runs)
+                     + "."],
             "tables": [{"columns": ["threads", "", "load", "decode tokens/s", "of the bound",
                                     "prefill tokens/s", "of the bound", "peak memory"], "rows": rows}],
             "notes": [f"All runs generated the same {args.tokens} tokens: {'yes' if same else 'NO'}."]}, args.save)

@@ -155,14 +155,19 @@ def apply_rope(x, angles):
 class Linear(nn.Linear):
     """nn.Linear with no bias, (..., C_in) -> (..., C_out), in which the one
     token of a decoding step, x of shape (1, 1, C_in), is a matrix-vector
-    product (torch.mv): the same numbers to rounding, faster on a CPU.
+    product: the same numbers to rounding, faster on a CPU.
 
-    Why: a decoding step reads every weight once for one token. Under
-    oneMKL's reproducible mode (the book's pinned settings,
-    scripts/pinned_cpu.py) a (1, C_in) @ (C_in, C_out) product first repacks
-    the whole weight, then reads the copy, and takes 2-2.5x as long as
-    torch.mv on SmolLM2's shapes; without the pins the two give the same bits
-    in the same time (benchmarks/bench_llama.py). Only Llama.forward's
+    Why: a decoding step reads every weight once for one token, so its speed
+    is the speed at which the product streams the weight from memory. On a
+    CPU, PyTorch hands a product to oneMKL; numpy hands it to OpenBLAS, and
+    on SmolLM2's shapes OpenBLAS's matrix-vector kernel (sgemv) reads about
+    30 GB/s on one core where oneMKL's reads 24 (under the book's pinned
+    settings, scripts/pinned_cpu.py) or 16 (without them, on an AMD CPU), and
+    a (1, C_in) @ (C_in, C_out) matrix product less again
+    (benchmarks/bench_llama.py measures all of them side by side). So a
+    float32 token on the CPU, with no gradient to track, goes through
+    numpy's `@` on the same memory (no copy either way); anything else
+    (a GPU, a batch, training) through F.linear. Only Llama.forward's
     (B, T, C) input with B = T = 1 takes this path: the batching engine's
     (N, C) rows (gptcourse.batching) keep one kernel for every N, so a
     sequence gets the same bits alone and batched.
@@ -172,9 +177,13 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if x.dim() == 3 and x.shape[0] == x.shape[1] == 1:
-            return torch.mv(self.weight, x.reshape(-1)).view(1, 1, -1)
-        return F.linear(x, self.weight)
+        w = self.weight
+        if (x.dim() == 3 and x.shape[0] == x.shape[1] == 1 and x.device.type == w.device.type == "cpu"
+                and x.dtype == w.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            y = w.detach().numpy() @ x.detach().reshape(-1).numpy()                  # (C_out,)
+            return torch.from_numpy(y).view(1, 1, -1)
+        return F.linear(x, w)
 
 
 # ----------------------------------------------------------------------------
@@ -234,7 +243,9 @@ class GroupedQueryAttention(nn.Module):
         q = self.w_q(x).view(B, T, self.n_head, self.d).transpose(1, 2)        # (B, H, T, d)
         k = self.w_k(x).view(B, T, self.n_kv_head, self.d).transpose(1, 2)     # (B, H_kv, T, d)
         v = self.w_v(x).view(B, T, self.n_kv_head, self.d).transpose(1, 2)     # (B, H_kv, T, d)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)                    # positions, by rotation
+        # positions, by rotation: queries and keys side by side, rotated in one call (the same
+        # numbers as one call each, in half the operations: a decoding step is many small ones)
+        q, k = apply_rope(torch.cat([q, k], dim=1), angles).split([self.n_head, self.n_kv_head], dim=1)
         if cache is not None:
             k, v = cache.update(k, v)                                          # (B, H_kv, T_k, d)
         T_k = k.shape[-2]

@@ -404,18 +404,34 @@ def test_gguf_module_holds_the_reader_and_llama_keeps_the_old_names():
 
 
 def test_linear_decodes_one_token_as_a_matrix_vector_product():
-    """llama.Linear: (1, 1, C) -> torch.mv, the same numbers as F.linear to rounding;
-    every other shape, (B, T, C) or the batching engine's (N, C), is F.linear itself,
-    bit for bit (so a sequence gets the same bits alone and batched)."""
+    """llama.Linear: a (1, 1, C) float32 token on the CPU, no gradient -> numpy's
+    matrix-vector product (OpenBLAS), the same numbers as F.linear to rounding, and
+    those of numpy itself, bit for bit; every other shape, (B, T, C) or the batching
+    engine's (N, C), is F.linear itself, bit for bit (so a sequence gets the same
+    bits alone and batched); so is a token whose gradient is tracked."""
     from gptcourse.llama import Linear
     torch.manual_seed(0)
     layer = Linear(48, 80)
     assert layer.bias is None and layer.weight.shape == (80, 48)
     one = torch.randn(1, 1, 48)
-    torch.testing.assert_close(layer(one), F.linear(one, layer.weight), rtol=1e-5, atol=1e-5)
-    assert layer(one).shape == (1, 1, 80)
+    with torch.no_grad():
+        y = layer(one)
+    torch.testing.assert_close(y, F.linear(one, layer.weight), rtol=1e-5, atol=1e-5)
+    assert y.shape == (1, 1, 80) and y.dtype == torch.float32
+    assert torch.equal(y.reshape(-1), torch.from_numpy(layer.weight.detach().numpy() @ one.reshape(-1).numpy()))
+    with torch.inference_mode():
+        assert torch.equal(layer(one), y)
+    tracked = layer(one)                                        # grad enabled, weight requires grad
+    assert torch.equal(tracked, F.linear(one, layer.weight)) and tracked.grad_fn is not None
+    tracked.sum().backward()
+    assert layer.weight.grad.shape == (80, 48)
     for shape in [(2, 1, 48), (1, 3, 48), (1, 48), (5, 48)]:
         x = torch.randn(shape)
-        assert torch.equal(layer(x), F.linear(x, layer.weight))
+        with torch.no_grad():
+            assert torch.equal(layer(x), F.linear(x, layer.weight))
     strided = torch.randn(1, 48, 1).transpose(1, 2)            # (1, 1, 48), last stride 1 but not contiguous
-    torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight), rtol=1e-5, atol=1e-5)
+        half = layer.to(torch.bfloat16)                          # not float32: F.linear
+        x = one.to(torch.bfloat16)
+        assert torch.equal(half(x), F.linear(x, half.weight))
