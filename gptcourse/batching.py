@@ -20,14 +20,19 @@ read together, with one pass over the weights for all of them.
 The sequences of a batch have different lengths. Two ways to run a step,
 one per model family of the course:
 
-* `RaggedKVCache` + `llama_step` (gptcourse.llama, rotary positions): each
-  sequence is a row of one key/value buffer per layer, with its own length.
-  All new tokens of all rows go through the linear layers as one (N, C)
-  matrix; attention is per row (row r's tokens sit at positions lengths[r],
-  lengths[r] + 1, ... and see the row's keys up to themselves).
-  `PrefixCache` keeps the keys and values of recent conversations, so a
+* `llama_step` (gptcourse.llama, rotary positions): all new tokens of all
+  rows go through the linear layers as one (N, C) matrix; attention is per
+  row (row r's tokens sit at positions lengths[r], lengths[r] + 1, ... and
+  see the row's keys up to themselves). Its keys and values are in one of
+  two caches. `RaggedKVCache`: each sequence is a row of one buffer per
+  layer, as long as the longest row (simple; greedy_batch's). `PagedKVCache`
+  (the server's): fixed-size blocks of one pool and a table of blocks per
+  row (vLLM's PagedAttention), so memory follows the tokens in use.
+  A prefix cache keeps the keys and values of recent conversations, so a
   prompt that starts like one of them (the same system message, the same
-  conversation so far) is read only from where it differs.
+  conversation so far) is read only from where it differs: `PrefixCache`
+  (copies, exact to the token) or `BlockPrefixCache` (the server's: the
+  paged cache's whole blocks, shared, one table per tenant).
 * `window_step` (gptcourse.gpt, learned positions, a short context): every
   step recomputes each sequence's last block_size tokens, right-padded to
   one length; causal attention means padding after a sequence's last token
@@ -277,7 +282,8 @@ def llama_step(model, chunks, cache):
     that the weights are read once: the N new tokens of all rows go through
     every linear layer as one (N, C) matrix. Only attention is per row: the
     one-token rows together (one query each, a padding mask over the keys),
-    each longer chunk alone (causal, shifted by the row's past).
+    each longer chunk alone (causal, shifted by the row's past). cache: a
+    RaggedKVCache or a PagedKVCache (whose rows get their blocks here).
     """
     from .llama import rope_angles
     n = len(chunks)

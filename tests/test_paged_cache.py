@@ -191,6 +191,33 @@ def test_trim_renumbers_the_prefix_cache():
     assert cache.k[:, 0].eq(10).all() and cache.k[:, 1].eq(11).all()
 
 
+def test_a_row_started_on_shared_blocks_never_writes_them(tiny_llama):
+    """A 12-token prompt in blocks of 4 is remembered (3 blocks); the same prompt
+    again finds 2 of them (its last token is computed: 11 to look up), reads
+    its last 4 tokens into a block of its own and decodes 6 more: the shared
+    blocks' keys and values do not change, and the logits are the model's."""
+    from gptcourse.serve import LlamaBatch
+    batch = LlamaBatch(tiny_llama, rows=2, max_length=64, block_size=4)
+    prompt = list(range(3, 15))
+    todo, found = batch.start(0, prompt)
+    batch.step([todo])
+    batch.remember(0, prompt)
+    todo, found = batch.start(1, prompt)
+    assert (todo, found) == (prompt[8:], 8)
+    shared = batch.cache.tables[1][:2]
+    assert shared == batch.cache.tables[0][:2] and [batch.cache.refs[b] for b in shared] == [3, 3]
+    before = batch.cache.k[:, shared].clone(), batch.cache.v[:, shared].clone()
+    seq, logits = list(prompt), batch.step([[], todo])
+    for t in range(6):
+        torch.testing.assert_close(logits[1], tiny_llama(torch.tensor([seq]))[0][0, -1], atol=1e-5, rtol=1e-5)
+        seq.append(t)
+        logits = batch.step([[], [t]])
+    assert torch.equal(batch.cache.k[:, shared], before[0]) and torch.equal(batch.cache.v[:, shared], before[1])
+    assert batch.cache.lengths[1] == 18 and len(batch.cache.tables[1]) == 5
+    with pytest.raises(ValueError, match="max_length=64"):
+        batch.step([[], [1] * 47])                                     # 18 + 47 = 65 positions
+
+
 def test_paged_cache_checks_its_arguments():
     for bad in (0, -1, 2.0, True, None):
         with pytest.raises(ValueError, match="block_size"):
