@@ -26,6 +26,8 @@ ways to cut text into tokens:
 import heapq
 import json
 import re
+import sys
+from collections import OrderedDict
 
 
 def _check_text(text):
@@ -114,6 +116,66 @@ def _merge(ids, pair, new_id):
     return out
 
 
+class ChunkCache:
+    """The token ids of recently encoded chunks, at most max_bytes of them.
+
+    A BPE tokenizer merges inside each chunk of the pre-tokenizer (a word, a
+    number, a run of spaces) and the same words come back again and again,
+    so it keeps their ids. The bound is in bytes, not entries: an entry
+    counts its text, its list of ids and OVERHEAD for the rest (the
+    OrderedDict's slot and links, with the room its table keeps after
+    evictions, and the (ids, size) pair: at most about 220 bytes an entry,
+    measured with tracemalloc), and the least recently used entries leave
+    first, so no stream of distinct text (a client's 1 MB prompts, say)
+    grows it past max_bytes.
+    Chunks longer than MAX_CHUNK characters are not kept at all: a long one
+    rarely comes back, and one would push out many short ones.
+
+    >>> cache = ChunkCache(max_bytes=800)
+    >>> for word in ["alpha", "beta", "gamma", "delta"]:
+    ...     cache.put(word, [1, 2])
+    >>> len(cache), cache.get("alpha"), cache.get("delta"), cache.nbytes <= 800
+    (2, None, [1, 2], True)
+    """
+    OVERHEAD = 240
+    MAX_CHUNK = 64
+
+    def __init__(self, max_bytes=4 << 20):
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries = OrderedDict()           # chunk -> (ids, its size in bytes), oldest first
+
+    def get(self, chunk):
+        """The ids of chunk, or None when it is not kept."""
+        entry = self._entries.get(chunk)
+        if entry is None:
+            return None
+        self._entries.move_to_end(chunk)        # used now: the last to leave
+        return entry[0]
+
+    def put(self, chunk, ids):
+        """Keep chunk's ids (if chunk is short enough), the oldest entries leaving to make room."""
+        if len(chunk) > self.MAX_CHUNK or chunk in self._entries:
+            return
+        size = sys.getsizeof(chunk) + sys.getsizeof(ids) + self.OVERHEAD
+        if size > self.max_bytes:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, (_, old) = self._entries.popitem(last=False)
+            self.nbytes -= old
+        self._entries[chunk] = (ids, size)
+        self.nbytes += size
+
+    def clear(self):
+        self._entries.clear()
+        self.nbytes = 0
+
+    def __len__(self):
+        return len(self._entries)
+
+
 class BPETokenizer:
     """Byte-level byte-pair encoding, as in GPT-2.
 
@@ -130,7 +192,7 @@ class BPETokenizer:
         self.merges = []  # [((id_a, id_b), new_id), ...] in the order learned
         self.vocab = {i: bytes([i]) for i in range(256)}  # id -> bytes
         self._ranks = {}  # (id_a, id_b) -> new_id; a smaller new_id was learned earlier
-        self._cache = {}  # chunk (str) -> list of ids, filled by encode()
+        self._cache = ChunkCache()  # chunk (str) -> list of ids, filled by encode()
         for (a, b), new_id in merges:
             self._add_merge((a, b), new_id)
 
@@ -140,7 +202,7 @@ class BPETokenizer:
         self.merges.append((pair, new_id))
         self.vocab[new_id] = self.vocab[pair[0]] + self.vocab[pair[1]]
         self._ranks[pair] = new_id
-        self._cache = {}
+        self._cache.clear()
 
     @property
     def vocab_size(self):
@@ -222,9 +284,11 @@ class BPETokenizer:
         _check_text(text)
         ids = []
         for chunk in SPLIT_PATTERN.findall(text):
-            if chunk not in self._cache:
-                self._cache[chunk] = self._encode_chunk(chunk)
-            ids.extend(self._cache[chunk])
+            chunk_ids = self._cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = self._encode_chunk(chunk)
+                self._cache.put(chunk, chunk_ids)
+            ids.extend(chunk_ids)
         return ids
 
     def decode(self, ids):
@@ -347,11 +411,13 @@ class PretrainedBPE:
     "<|im_start|>" in the text is plain characters, as it must be in anything
     a user wrote (a server builds the template's special tokens itself, see
     gptcourse.chat.encode_chatml).
+
+    cache_bytes: the most bytes the cache of encoded chunks holds (ChunkCache).
     """
 
     PRE_TOKENIZERS = ("gpt2", "smollm")
 
-    def __init__(self, tokens, merges, special=(), pre_tokenizer="gpt2"):
+    def __init__(self, tokens, merges, special=(), pre_tokenizer="gpt2", cache_bytes=4 << 20):
         if pre_tokenizer not in self.PRE_TOKENIZERS:
             raise ValueError(f"unsupported pre-tokenizer {pre_tokenizer!r}; "
                              f"supported: {', '.join(self.PRE_TOKENIZERS)}")
@@ -373,7 +439,11 @@ class PretrainedBPE:
         self._digits = re.compile(rf"[{_unicode_class('N')}]")
         self._special_re = (re.compile("|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)))
                             if self.special else None)
-        self._cache = {}
+        self._cache = ChunkCache(cache_bytes)
+        # for min_tokens: the longest token in bytes (a special token's text included), and the
+        # bytes that have no token of their own, which encode drops
+        self.max_token_bytes = max([len(self.token_bytes(i)) for i in range(len(self.tokens))] or [1])
+        self._silent_bytes = bytes(b for b in range(256) if self.byte_char[b] not in self.ids)
 
     @property
     def vocab_size(self):
@@ -403,8 +473,9 @@ class PretrainedBPE:
         A pair a merge made is always learned after the pair it came from, so the
         order of merges is the rescanning one's.
         """
-        if chunk in self._cache:
-            return self._cache[chunk]
+        cached = self._cache.get(chunk)
+        if cached is not None:
+            return cached
         # a byte with no token of its own (e.g. a control byte the training data
         # never had) is dropped, as Hugging Face's tokenizers do without an unknown token
         parts = [c for c in (self.byte_char[b] for b in chunk.encode("utf-8")) if c in self.ids]
@@ -425,9 +496,34 @@ class PretrainedBPE:
                 if a != -1 and b != -1 and (parts[a], parts[b]) in ranks:
                     heapq.heappush(heap, (ranks[(parts[a], parts[b])], a))
         ids = [self.ids[p] for p in parts if p is not None]
-        if len(self._cache) < 100_000 and len(chunk) <= 64:        # bounded in bytes: short chunks only
-            self._cache[chunk] = ids
+        self._cache.put(chunk, ids)                                      # bounded in bytes
         return ids
+
+    def min_tokens(self, text):
+        """A lower bound on len(self.encode(text)), found without encoding: one
+        pass over the text's UTF-8 bytes, no merges.
+
+        Every byte of the text ends up in exactly one token, or is dropped (a
+        byte with no token of its own), and no token holds more than
+        max_token_bytes bytes. For SmolLM2 that is 81 ("\n" and 80 spaces),
+        and 6 control characters (\x04, \x06, \x13, \x14, \x16, \x1d) are
+        dropped: so a text that fits 2,047 tokens has at most 81 * 2,047 =
+        165,807 bytes that are not dropped, and a server can refuse a longer
+        one before tokenizing it. The bound is nearly reached: "\n" and 80
+        spaces, repeated, is one token per 81 bytes.
+
+        Encoding a text at that bound takes a fraction of a second, the merges
+        in pure Python, measured on a shared 2-core CPU for 165,807 bytes:
+        0.12 s of digits (one chunk each), 0.12 s of random emoji, 0.16 s of
+        words, 0.19 s of random letters in one word, 0.37 s of one letter
+        repeated, 0.62-0.68 s of one run of "#" or spaces (every byte merged,
+        2,593 tokens). So it is bounded but not free: more than 0.1 s, and a
+        caller that serves many clients should cancel it for a client that
+        left, or limit what one client may send.
+        """
+        _check_text(text)
+        kept = len(text.encode("utf-8").translate(None, self._silent_bytes))
+        return -(-kept // self.max_token_bytes)
 
     def encode(self, text, allow_special=True):
         """str -> list of token ids (no BOS/EOS added).

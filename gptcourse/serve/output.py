@@ -123,7 +123,7 @@ def parse_tool_calls(text, tool_names):
     for m in _TOOL_CALL.finditer(text):
         try:
             call = json.loads(m.group(1))
-        except ValueError:
+        except (ValueError, RecursionError):        # not JSON, or nested deeper than the parser's stack
             continue
         if not isinstance(call, dict) or call.get("name") not in tool_names:
             continue
@@ -147,8 +147,8 @@ def assistant_message(job, text, finish):
             arguments, _ = json.JSONDecoder().raw_decode(value)
             arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
             complete = True
-        except ValueError:
-            arguments, complete = value, False   # as OpenAI warns: not always valid JSON
+        except (ValueError, RecursionError):     # as OpenAI warns: not always valid JSON
+            arguments, complete = value, False
         call = _call(job.named, arguments)
         # cut by max_tokens inside the arguments: "length", as OpenAI reports it (they are partial)
         return ({"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]},

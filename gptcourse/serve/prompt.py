@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import FrozenSet, List, Optional
 
-from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat
+from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat, score_continuations
 from ..sampling import end_of_turn_ids
 from .params import SamplingParams
 from .protocol import APIError, NamedToolChoice
@@ -122,13 +122,68 @@ def offered_tools(req):
     return req.tools
 
 
-def tool_prefill(req):
-    """What the assistant's answer is made to start with when a call is required."""
+def named_prefill(name):
+    """The opening of a call to tool `name`, through the name: the model writes its arguments."""
+    return '<tool_call>\n{"name": ' + json.dumps(name) + ', "arguments": '
+
+
+def _called(req, tools):
+    """The tool a call must go to, known without the model: the named one, or
+    the only one offered under "required"; else None."""
+    if not tools:
+        return None
     if isinstance(req.tool_choice, NamedToolChoice):
-        return '<tool_call>\n{"name": ' + json.dumps(req.tool_choice.function.name) + ', "arguments": '
-    if req.tool_choice == "required":
-        return "<tool_call>\n"
-    return ""
+        return req.tool_choice.function.name
+    if req.tool_choice == "required" and len(tools) == 1:
+        return tools[0].function.name
+    return None
+
+
+def tool_prefill(req):
+    """What the assistant's answer is made to start with when a call is required:
+    the opening of the call through the tool's name when the tool is known (a
+    named tool_choice, or "required" with one tool offered), else "<tool_call>\n"
+    ("required" with several tools, when no scorer picks one: see prepare)."""
+    tools = offered_tools(req)
+    name = _called(req, tools)
+    if name is not None:
+        return named_prefill(name)
+    return "<tool_call>\n" if tools and req.tool_choice == "required" else ""
+
+
+def choose_tool(names, prompt_for, scorer):
+    """The tool the model itself would most likely call, by its own scores.
+
+    names: the tools offered; prompt_for(prefill) -> the prompt's token ids
+    ending with that prefill; scorer(prompts, continuations) -> the total
+    log-probability of each continuation after its prompt (model_scorer).
+    Each tool's prompt ends with named_prefill(name); the tokens all of them
+    share (the conversation and '<tool_call>\n{"name": "') are the prompt,
+    the rest of each (the name and the '", "arguments": ' that ends it) is
+    scored, all in one batch. Returns (the name with the highest
+    log-probability, the first on a tie; the list of scores).
+    """
+    if not names:
+        raise ValueError("choose_tool needs at least one tool name")
+    prompts = [list(prompt_for(named_prefill(name))) for name in names]
+    shared = 0
+    while shared < min(map(len, prompts)) - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    scores = [float(s) for s in scorer([p[:shared] for p in prompts], [p[shared:] for p in prompts])]
+    if len(scores) != len(names):
+        raise ValueError(f"the scorer returned {len(scores)} scores for {len(names)} tools")
+    best = max(range(len(names)), key=lambda i: scores[i])
+    return names[best], scores
+
+
+def model_scorer(model, batch_size=8):
+    """A scorer for prepare and choose_tool: (prompts, continuations) -> the sum of
+    log P(continuation's tokens | prompt) under `model` (gptcourse.chat.score_continuations:
+    right-padded batches of batch_size rows, the shared prompt read once per batch).
+    The model may be the one an engine decodes with in another thread: scoring only reads it."""
+    def score(prompts, continuations):
+        return [float(s.sum()) for s in score_continuations(model, prompts, continuations, batch_size)]
+    return score
 
 
 def _transcript_ids(messages, tokenizer, prefill):
@@ -178,21 +233,65 @@ def token_bias(logit_bias, vocab_size):
     return bias
 
 
-def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_tokens, max_context):
+def check_fits(req, messages, tokenizer, max_context):
+    """Refuse (400, context_length_exceeded) messages that cannot fit max_context
+    tokens with the completion, before tokenizing them: by the tokenizer's
+    lower bound on their tokens (PretrainedBPE.min_tokens: their bytes over
+    the longest token's, 81 for SmolLM2), plus the template's two special
+    tokens per message and the assistant's start. One pass over the bytes:
+    a 1 MB request is refused in milliseconds, not after seconds of merges.
+    A tokenizer without min_tokens is not checked here."""
+    min_tokens = getattr(tokenizer, "min_tokens", None)
+    if min_tokens is None:
+        return
+    least = sum(min_tokens(f"{m['role']}\n{m['content']}") + 2 for m in messages) + 1
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_context - least < 1 or (max_tokens is not None and max_tokens > max_context - least):
+        raise APIError(400, f"This model's maximum context length is {max_context} tokens. However, "
+                            f"your messages are at least {least} tokens long (a token of this model holds "
+                            f"at most {tokenizer.max_token_bytes} bytes of text), and the completion needs "
+                            f"{max_tokens or 1}. Please reduce the length of the messages.",
+                       param="messages", code="context_length_exceeded")
+
+
+def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_tokens, max_context,
+            scorer=None):
     """A checked ChatCompletionRequest -> PreparedRequest, or APIError(400).
 
     chatml: the real model (its template, ended by its end-of-turn tokens,
-    within max_context tokens); else the course GPT's transcript, ended where
-    a new turn starts (TURN_STOPS), its window sliding over any length."""
+    within max_context tokens: a prompt that cannot fit is refused before it
+    is tokenized, check_fits); else the course GPT's transcript, ended where
+    a new turn starts (TURN_STOPS), its window sliding over any length.
+
+    tool_choice "required" guarantees a call to an offered tool: with one
+    tool the answer starts with the call's opening through its name, as for a
+    named tool_choice; with several, scorer (model_scorer(model)) picks the
+    one the model finds most likely (choose_tool), then the same. Without a
+    scorer the answer starts with "<tool_call>\n" only, and the model may
+    name no offered tool.
+    """
+    if scorer is not None and not callable(scorer):
+        raise ValueError(f"scorer must be a function (prompts, continuations) -> scores, got {scorer!r:.80}")
     messages = chat_messages(req, default_system if chatml else None)
     tools = offered_tools(req)
-    prefill = tool_prefill(req) if tools else ""
     if chatml:
-        prompt_ids = encode_chatml(messages, tokenizer, default_system=default_system)
-        prompt_ids += tokenizer.encode(prefill, allow_special=False) if prefill else []
+        check_fits(req, messages, tokenizer, max_context)                 # before any tokenizing
+        base = encode_chatml(messages, tokenizer, default_system=default_system)
+
+        def prompt_for(prefill):
+            return base + (tokenizer.encode(prefill, allow_special=False) if prefill else [])
         stop_ids, stops = end_of_turn_ids(tokenizer), ()                # <|im_end|>, <|endoftext|>, ...
     else:
-        prompt_ids, stop_ids, stops = _transcript_ids(messages, tokenizer, prefill), (), TURN_STOPS
+        def prompt_for(prefill):
+            return _transcript_ids(messages, tokenizer, prefill)
+        stop_ids, stops = (), TURN_STOPS
+    named = _called(req, tools)
+    if named is None and req.tool_choice == "required" and len(tools) > 1 and scorer is not None:
+        if chatml:                                        # the conversation alone must fit before it is scored
+            completion_budget(req, len(base), max_tokens_cap, default_max_tokens, max_context)
+        named, _ = choose_tool([t.function.name for t in tools], prompt_for, scorer)
+    prefill = named_prefill(named) if named is not None else tool_prefill(req)
+    prompt_ids = prompt_for(prefill)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_tokens = completion_budget(req, len(prompt_ids), max_tokens_cap, default_max_tokens,
                                    max_context if chatml else None)
@@ -204,7 +303,6 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=token_bias(req.logit_bias, tokenizer.vocab_size))
-    named = req.tool_choice.function.name if prefill and isinstance(req.tool_choice, NamedToolChoice) else None
     return PreparedRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
                            cache_salt=req.cache_salt, prefill=prefill,
                            tool_names=frozenset(t.function.name for t in tools), named=named,
