@@ -207,12 +207,21 @@ def test_required_with_several_tools_asks_the_scorer(tok):
         assert p + c == base + tok.encode(named_prefill(name), allow_special=False)
         assert tok.decode(c) == name + '", "arguments": '
     assert job.prompt_ids == prompts[1] + continuations[1]
+    # a conversation with no room for the calls' openings: 400 before the model reads it
+    def never(prompts, continuations):
+        raise AssertionError("scored a prompt that cannot fit")
+    with pytest.raises(APIError, match="maximum context length") as e:
+        prepared(tok, req, max_context=len(plain.prompt_ids) + 2, scorer=never)
+    assert e.value.code == "context_length_exceeded"
     # a tie goes to the first tool; a scorer that answers wrongly is an error, not a guess
-    assert choose_tool(["a", "b"], lambda prefill: tok.encode(prefill), lambda p, c: [0.0, 0.0])[0] == "a"
+    two = [tok.encode(named_prefill("a")), tok.encode(named_prefill("b"))]
+    assert choose_tool(["a", "b"], two, lambda p, c: [0.0, 0.0])[0] == "a"
     with pytest.raises(ValueError, match="returned 1 scores for 2 tools"):
-        choose_tool(["a", "b"], lambda prefill: tok.encode(prefill), lambda p, c: [0.0])
-    with pytest.raises(ValueError, match="at least one tool"):
-        choose_tool([], tok.encode, scorer)
+        choose_tool(["a", "b"], two, lambda p, c: [0.0])
+    with pytest.raises(ValueError, match="at least one tool name and one prompt per name"):
+        choose_tool([], [], scorer)
+    with pytest.raises(ValueError, match="got 2 names and 1 prompts"):
+        choose_tool(["a", "b"], two[:1], scorer)
     with pytest.raises(ValueError, match="scorer must be a function"):
         prepared(tok, req, scorer="best")
 
@@ -237,8 +246,9 @@ def test_the_scores_are_the_models_own(smollm2):
     model, tok = smollm2
     req = request("What time is it in Tokyo?", tools=TOOLS, tool_choice="required")
     base = prepared(tok, req).prompt_ids[:-len(tok.encode("<tool_call>\n"))]
-    name, scores = choose_tool([t["function"]["name"] for t in TOOLS],
-                               lambda prefill: base + tok.encode(prefill, allow_special=False), model_scorer(model))
+    names = [t["function"]["name"] for t in TOOLS]
+    name, scores = choose_tool(names, [base + tok.encode(named_prefill(n), allow_special=False) for n in names],
+                               model_scorer(model))
     with torch.no_grad():
         for t, score in zip(TOOLS, scores):
             full = base + tok.encode(named_prefill(t["function"]["name"]), allow_special=False)

@@ -222,3 +222,26 @@ def test_unicode_classes_equal_the_unicode_categories():
         rx = re.compile(f"[{_unicode_class(prefix)}]")
         for cp in range(0x110000):
             assert bool(rx.match(chr(cp))) == unicodedata.category(chr(cp)).startswith(prefix), hex(cp)
+
+
+def test_bpe_chunk_cache_is_bounded_in_bytes_and_changes_no_ids(corpus, bpe512):
+    """The cache of encoded chunks (issue 27): a stream of distinct words never
+    grows it past its bytes, the least recently used leave first, and every
+    id is what the merges give without it."""
+    from gptcourse.tokenizers import ChunkCache
+    text = corpus[:20000]
+    expected = [i for chunk in SPLIT_PATTERN.findall(text) for i in bpe512._encode_chunk(chunk)]
+    small = BPETokenizer(bpe512.merges)
+    small._cache = ChunkCache(max_bytes=4000)
+    for _ in range(2):                                           # cold, then warm
+        assert small.encode(text) == expected == bpe512.encode(text)
+        assert 0 < small._cache.nbytes <= 4000 and len(small._cache) < len(set(SPLIT_PATTERN.findall(text)))
+    rng = random.Random(0)
+    for _ in range(3000):                                        # distinct words, never seen again
+        small.encode("".join(rng.choice("abcdefghij") for _ in range(12)))
+    assert small._cache.nbytes <= 4000
+    small.encode(" kept")
+    small.encode("".join(rng.choice("xyz") for _ in range(8)))
+    assert small._cache.get(" kept") is not None                 # just used: not the first to leave
+    assert small._cache.get("z" * 70) is None and small.encode("z" * 70) == bpe512.encode("z" * 70)
+    assert small._cache.get("z" * 70) is None                    # longer than 64 characters: not kept

@@ -151,21 +151,21 @@ def tool_prefill(req):
     return "<tool_call>\n" if tools and req.tool_choice == "required" else ""
 
 
-def choose_tool(names, prompt_for, scorer):
+def choose_tool(names, prompts, scorer):
     """The tool the model itself would most likely call, by its own scores.
 
-    names: the tools offered; prompt_for(prefill) -> the prompt's token ids
-    ending with that prefill; scorer(prompts, continuations) -> the total
+    names: the tools offered; prompts: for each, the prompt's token ids ending
+    with named_prefill(name); scorer(prompts, continuations) -> the total
     log-probability of each continuation after its prompt (model_scorer).
-    Each tool's prompt ends with named_prefill(name); the tokens all of them
-    share (the conversation and '<tool_call>\n{"name": "') are the prompt,
-    the rest of each (the name and the '", "arguments": ' that ends it) is
-    scored, all in one batch. Returns (the name with the highest
-    log-probability, the first on a tie; the list of scores).
+    The tokens all the prompts share (the conversation and
+    '<tool_call>\n{"name": "') are the prompt, the rest of each (the name and
+    the '", "arguments": ' that ends it) is scored, all in one call. Returns
+    (the name with the highest log-probability, the first on a tie; the scores).
     """
-    if not names:
-        raise ValueError("choose_tool needs at least one tool name")
-    prompts = [list(prompt_for(named_prefill(name))) for name in names]
+    if not names or len(prompts) != len(names):
+        raise ValueError(f"choose_tool needs at least one tool name and one prompt per name, got "
+                         f"{len(names)} names and {len(prompts)} prompts")
+    prompts = [list(p) for p in prompts]
     shared = 0
     while shared < min(map(len, prompts)) - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
         shared += 1
@@ -287,9 +287,11 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
         stop_ids, stops = (), TURN_STOPS
     named = _called(req, tools)
     if named is None and req.tool_choice == "required" and len(tools) > 1 and scorer is not None:
-        if chatml:                                        # the conversation alone must fit before it is scored
-            completion_budget(req, len(base), max_tokens_cap, default_max_tokens, max_context)
-        named, _ = choose_tool([t.function.name for t in tools], prompt_for, scorer)
+        names = [t.function.name for t in tools]
+        candidates = [prompt_for(named_prefill(name)) for name in names]
+        if chatml:                                        # every candidate must fit before the model reads them
+            completion_budget(req, max(map(len, candidates)), max_tokens_cap, default_max_tokens, max_context)
+        named, _ = choose_tool(names, candidates, scorer)
     prefill = named_prefill(named) if named is not None else tool_prefill(req)
     prompt_ids = prompt_for(prefill)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
