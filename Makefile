@@ -130,3 +130,12 @@ bench-llama: install
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serve.py --save benchmarks/results
 	$(BIN)/python benchmarks/write_appendix.py
+
+# A class on one server (issue 27): 30 simulated students with one API key each (short
+# questions, streams, 1,000-token documents, tool calls, some who leave mid-stream):
+# time to first token per kind, tokens/s per client, the worst client's wait over the
+# median, 4xx/5xx, resident memory before and after (about 3-4 minutes on 2 cores).
+.PHONY: bench-serve-class
+bench-serve-class: install
+	$(BIN)/python benchmarks/bench_serve_class.py --save benchmarks/results
+	$(BIN)/python benchmarks/write_appendix.py

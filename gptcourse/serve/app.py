@@ -5,15 +5,22 @@
     GET  /health                200 while the server runs
 
 `_Guard`, ASGI middleware before any endpoint, checks the Host header, the
-API key and the body's size. A request is parsed (gptcourse.serve.protocol),
-prepared in a worker thread (gptcourse.serve.prompt), submitted to the
-engine as a Sequence, and its events come back through an asyncio queue; a
-client that leaves cancels its sequence at once.
+API key and the body's size, and names the client (its API key when the
+server has several, else its address). `ClientLimits` caps each client's
+requests in flight and tokens per minute. A request is parsed
+(gptcourse.serve.protocol), prepared in a worker thread
+(gptcourse.serve.prompt), charged to its client, submitted to the engine as
+a Sequence, and its events come back through an asyncio queue; a client
+that leaves cancels its sequence at once, and every way a request ends
+gives its client's slot back.
 """
 import asyncio
+import collections
 import hmac
 import json
 import logging
+import math
+import threading
 import time
 import uuid
 
@@ -24,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .engine import EngineBusy, Sequence
+from .params import positive_int
 from .output import ContentBeforeCalls, assistant_message
 from .protocol import APIError, error_body, parse_request
 
@@ -44,12 +52,131 @@ def usage(prompt_tokens, completion_tokens, cached_tokens=0):
 
 
 # ----------------------------------------------------------------------------
+# Per-client limits
+# ----------------------------------------------------------------------------
+
+class ClientLimits:
+    """Each client's requests in flight and tokens per minute.
+
+    enter(client) -> a Slot, or APIError 429 (with Retry-After) when the
+    client already has max_requests in flight. slot.charge(tokens) counts a
+    request's prompt and most completion tokens against the client's
+    tokens_per_minute (a sliding window of the last 60 s), or raises 429
+    with Retry-After: the seconds until enough of the window has passed.
+    slot.close(unused) refunds the tokens not used and gives the slot back
+    (a second close does nothing). clock: seconds, for the tests.
+    """
+    window = 60.0
+
+    def __init__(self, max_requests=8, tokens_per_minute=200_000, clock=time.monotonic):
+        self.max_requests = positive_int("max_client_requests", max_requests)
+        self.tokens_per_minute = positive_int("client_tokens_per_minute", tokens_per_minute)
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.in_flight = collections.Counter()                 # client -> requests in flight
+        self.charges = collections.defaultdict(collections.deque)   # client -> [time, tokens] entries
+
+    def enter(self, client):
+        with self.lock:
+            n = self.in_flight[client]
+            if n >= self.max_requests:
+                raise APIError(429, f"Rate limit reached for {client}: {n} requests in flight, at most "
+                                    f"{self.max_requests} at a time. Wait for one to end.",
+                               code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            self.in_flight[client] = n + 1
+        return Slot(self, client)
+
+    def used(self, client):
+        """Tokens charged to client in the last 60 s (forgetting older charges)."""
+        with self.lock:
+            return self._used(client, self.clock())
+
+    def _used(self, client, now):
+        charges = self.charges[client]
+        while charges and charges[0][0] <= now - self.window:
+            charges.popleft()
+        if not charges:
+            del self.charges[client]
+            return 0
+        return sum(c[1] for c in charges)
+
+    def _charge(self, client, tokens):
+        limit = self.tokens_per_minute
+        if tokens > limit:
+            raise APIError(429, f"Request too large for {client}: {tokens} tokens (the prompt and "
+                                f"max_tokens) is more than the limit of {limit} tokens per minute. "
+                                f"Send a shorter prompt or a smaller max_tokens.",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(int(self.window))})
+        with self.lock:
+            now = self.clock()
+            used = self._used(client, now)
+            if used + tokens > limit:                          # wait until old charges leave the window
+                freed, wait = 0, self.window
+                for when, n in self.charges[client]:
+                    freed += n
+                    if used - freed + tokens <= limit:
+                        wait = when + self.window - now
+                        break
+                wait = max(1, math.ceil(wait))
+                raise APIError(429, f"Rate limit reached for {client}: {used} of {limit} tokens per "
+                                    f"minute used, this request needs {tokens}. Please try again in "
+                                    f"{wait} s.", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(wait)})
+            entry = [now, tokens]
+            self.charges[client].append(entry)
+            return entry
+
+    def _close(self, client, entry, unused):
+        with self.lock:
+            if entry is not None and unused > 0:
+                entry[1] -= min(unused, entry[1])
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+
+    def state(self):
+        """What /health reports: clients with requests in flight, and those requests."""
+        with self.lock:
+            return {"clients_in_flight": len(self.in_flight), "client_requests_in_flight": sum(self.in_flight.values())}
+
+
+class Slot:
+    """One request's place in its client's limits (see ClientLimits). .seq: its
+    Sequence once submitted; close() cancels it (a no-op once it has ended)."""
+
+    def __init__(self, limits, client):
+        self.limits, self.client = limits, client
+        self.entry, self.tokens, self.seq, self.closed = None, 0, None, False
+
+    def charge(self, prompt_tokens, max_tokens):
+        self.entry = self.limits._charge(self.client, prompt_tokens + max_tokens)
+        self.tokens, self.max_tokens = prompt_tokens + max_tokens, max_tokens
+
+    def close(self):
+        """Give the slot back; refund the tokens not used: all of them if the sequence was
+        never read, else the completion tokens it did not write."""
+        if self.closed:
+            return
+        self.closed = True
+        seq = self.seq
+        if seq is not None:
+            seq.cancel()
+        if seq is None or seq.admitted is None:
+            unused = self.tokens
+        else:
+            unused = self.max_tokens - len(seq.tokens)
+        self.limits._close(self.client, self.entry, unused)
+
+
+# ----------------------------------------------------------------------------
 # Before any endpoint: the host, the key, the body's size
 # ----------------------------------------------------------------------------
 
 class _Guard:
     """ASGI middleware, before any endpoint: the Host header, the API key and
-    the body size (Content-Length, or counted as it arrives)."""
+    the body size (Content-Length, or counted as it arrives). The client's
+    name for its limits goes into scope["gptcourse.client"]: "API key #i"
+    when the server has several keys, else "address A"."""
 
     def __init__(self, app, server):
         self.app, self.server = app, server
@@ -79,13 +206,20 @@ class _Guard:
     def _refusal(self, scope, headers):
         """(status, message, code) of a request refused before it is read, or None."""
         server = self.server
-        if server.api_key is None and not server.host_allowed(headers.get("host", "")):
+        if not server.api_keys and not server.host_allowed(headers.get("host", "")):
             return (403, f"Host header {headers.get('host', '')!r} does not name this server; without "
                          f"an API key it answers only requests to {server.url}", "invalid_host")
-        if server.api_key is not None and scope["path"] != "/health":
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {server.api_key}".encode()):
+        client = scope.get("client")
+        scope["gptcourse.client"] = f"address {client[0] if client else 'unknown'}"
+        if server.api_keys and scope["path"] != "/health":
+            given, found = headers.get("authorization", "").encode("latin-1"), None
+            for i, key in enumerate(server.api_keys):                 # every key compared: no early exit
+                if hmac.compare_digest(given, f"Bearer {key}".encode()):
+                    found = i
+            if found is None:
                 return 401, "Incorrect API key provided: send 'Authorization: Bearer <key>'", "invalid_api_key"
+            if len(server.api_keys) > 1:                             # one shared key names no one
+                scope["gptcourse.client"] = f"API key #{found + 1}"
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > server.max_body_bytes):
             return (413, f"the request body ({length} bytes) is larger than the limit of "
@@ -125,7 +259,7 @@ def build_app(server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **server.engine.state()}
+        return {"status": "ok", **server.engine.state(), **server.limits.state()}
 
     @app.get("/v1/models")
     async def models():
@@ -145,7 +279,36 @@ def build_app(server):
 
 
 async def _complete(server, request):
-    """POST /v1/chat/completions: check, prepare, submit; answer as JSON or a stream."""
+    """POST /v1/chat/completions: take a slot of the client's limits, then answer.
+    Whatever way the request ends (an answer, a refusal, an error, the client
+    leaving, the task cancelled), the slot is given back: here, or by the
+    streamed response once it is sent."""
+    slot = server.limits.enter(request.scope.get("gptcourse.client", "address unknown"))
+    try:
+        response = await _answer(server, request, slot)
+        if isinstance(response, _SlotStream):
+            response.slot, slot = slot, None                  # the stream closes it once sent
+        return response
+    finally:
+        if slot is not None:
+            slot.close()
+
+
+class _SlotStream(StreamingResponse):
+    """A StreamingResponse that closes its Slot when it ends, however it ends
+    (even when the stream never started)."""
+    slot = None
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.slot is not None:
+                self.slot.close()
+
+
+async def _answer(server, request, slot):
+    """Check, prepare, charge, submit; answer as JSON or a stream."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise APIError(415, f"send the body as JSON with the header 'Content-Type: application/json' "
@@ -161,6 +324,7 @@ async def _complete(server, request):
                             f"{server.model_name!r} (see GET /v1/models)", param="model",
                        code="model_not_found")
     job = await run_in_threadpool(server.prepare, req)        # tokenizing takes a while
+    slot.charge(len(job.prompt_ids), job.max_tokens)
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue()
 
@@ -170,17 +334,26 @@ async def _complete(server, request):
         except RuntimeError:                                  # the event loop is closed
             pass
 
-    seq = Sequence(job.prompt_ids, job.max_tokens, on_event, params=job.sampling, cache_salt=job.cache_salt)
+    # the prefix-cache tenant: the client and its salt, so no two clients share entries
+    tenant = (slot.client, job.cache_salt)
+    seq = Sequence(job.prompt_ids, job.max_tokens, on_event, params=job.sampling, cache_salt=tenant)
     try:
         server.engine.submit(seq)
     except EngineBusy as e:                                   # the queue is full: come back later
         raise APIError(429, f"The server is busy: {e}. Please retry after a short wait.",
                        code="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after)}) from None
+    slot.seq = seq
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
     if req.stream:
-        return StreamingResponse(_stream(request, seq, queue, job, head), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _SlotStream(_stream(request, seq, queue, job, head), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _whole(request, seq, queue, job, head)
+
+
+def _overloaded(seq, message):
+    """The APIError of a sequence that waited past the engine's max_queue_seconds."""
+    return APIError(503, f"{message}. Please retry after a short wait.", code="queue_timeout",
+                    headers={"Retry-After": str(seq.retry_after)})
 
 
 async def _whole(request, seq, queue, job, head):
@@ -192,6 +365,8 @@ async def _whole(request, seq, queue, job, head):
             entries += data[1]
         elif kind == "end":
             finish, n_out = data
+        elif seq.expired:
+            raise _overloaded(seq, data)
         else:
             raise APIError(500, data, code="generation_failed")
     if finish is None:                                        # the client left
@@ -268,7 +443,8 @@ async def _stream(request, seq, queue, job, head):
             if piece or new:
                 yield chunk({"content": piece}, logprobs={"content": new, "refusal": None} if job.logprobs else None)
         elif kind == "error":
-            yield _sse(error_body(500, data, code="generation_failed"))
+            e = _overloaded(seq, data) if seq.expired else APIError(500, data, code="generation_failed")
+            yield _sse(error_body(e.status, e.message, code=e.code))
             yield "data: [DONE]\n\n"
             return
         else:

@@ -41,10 +41,12 @@ def load_checkpoint(path, device=None):
 
 
 def read_api_key(args, environ=os.environ):
-    """The API key from --api-key-file, $GPTCOURSE_API_KEY or --api-key (in that order)."""
+    """The API key from --api-key-file, $GPTCOURSE_API_KEY or --api-key (in that order).
+    A file with several lines holds one key per client: then a list of keys."""
     if args.api_key_file:
         with open(args.api_key_file, encoding="utf-8") as f:
-            return f.read().strip() or None
+            keys = [line.strip() for line in f if line.strip()]
+        return keys[0] if len(keys) == 1 else keys or None
     return environ.get("GPTCOURSE_API_KEY") or args.api_key
 
 
@@ -77,13 +79,24 @@ def _parser():
         help="address to listen on (default 127.0.0.1: this machine only; any other needs an API key)")
     add("--port", type=int, default=8000, help="port (0: any free one; default 8000)")
     add("--model-name", help="the model's name in the API (default smollm2-135m-instruct or gptcourse-char)")
-    add("--api-key-file", metavar="PATH", help="require 'Authorization: Bearer KEY', KEY read from PATH")
+    add("--api-key-file", metavar="PATH", help="require 'Authorization: Bearer KEY', KEY read from PATH; "
+                                               "a file of several lines holds one key per client (each "
+                                               "with its own limits and prefix-cache entries)")
     add("--api-key", help="the key on the command line (visible to other users in ps; "
                           "prefer --api-key-file or $GPTCOURSE_API_KEY)")
     add("--max-batch", type=int, default=16,
         help="sequences decoded together (default 16; 1: one request at a time)")
     add("--max-waiting", type=int, default=64,
         help="requests queued for the model at most; one more gets 429 with Retry-After (default 64)")
+    add("--max-queue-seconds", type=float, default=60.0,
+        help="a request queued longer than this gets 503 with Retry-After (an error event "
+             "when streamed) instead of waiting on (default 60)")
+    add("--max-client-requests", type=int, default=8,
+        help="requests in flight per client (its API key with several keys, else its address); "
+             "one more gets 429 with Retry-After (default 8)")
+    add("--client-tokens-per-minute", type=int, default=200_000,
+        help="prompt + max_tokens tokens per client per minute, unused ones refunded; over it, "
+             "429 with Retry-After (default 200000)")
     add("--max-step-tokens", type=int, default=256,
         help="new tokens per forward pass, prompts and answers together; a longer prompt is "
              "read in pieces, so the answers in progress keep coming (default 256)")
@@ -130,12 +143,17 @@ def _check_numbers(parser, args):
     for flag, value, least in (("--threads", args.threads, 1), ("--max-batch", args.max_batch, 1),
                                ("--max-step-tokens", args.max_step_tokens, 1),
                                ("--max-waiting", args.max_waiting, 1),
+                               ("--max-client-requests", args.max_client_requests, 1),
+                               ("--client-tokens-per-minute", args.client_tokens_per_minute, 1),
                                ("--prefix-cache-tokens", args.prefix_cache_tokens, 0)):
         try:
             if value is not None:
                 positive_int(flag, value, least)
         except ValueError as e:
             parser.exit(2, f"error: {e}\n")
+    if not 0 < args.max_queue_seconds < float("inf"):
+        parser.exit(2, f"error: --max-queue-seconds must be a positive number of seconds, "
+                       f"got {args.max_queue_seconds}\n")
 
 
 def _checked_key(parser, args):
@@ -171,7 +189,9 @@ def main(argv=None):
         server = serve(model, tokenizer, args.host, args.port, model_name=args.model_name, api_key=api_key,
                        max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
                        max_step_tokens=args.max_step_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
-                       max_waiting=args.max_waiting,
+                       max_waiting=args.max_waiting, max_queue_seconds=args.max_queue_seconds,
+                       max_client_requests=args.max_client_requests,
+                       client_tokens_per_minute=args.client_tokens_per_minute,
                        max_context=args.max_context, log_requests=args.verbose)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -11,8 +11,10 @@ The greedy tokens are those of one-at-a-time decoding (tests/test_batching.py
 checks it).
 """
 import collections
+import math
 import os
 import threading
+import time
 
 import torch
 
@@ -35,6 +37,9 @@ class Sequence:
       ("end", (finish_reason, completion_tokens))
       ("error", message)
     finish_reason: "stop" (end-of-turn token or stop string), "length".
+    An error with .expired set means the sequence waited longer than the
+    engine's max_queue_seconds and was never read (.retry_after: seconds to
+    suggest); the server answers it as an overload, not as a failure.
     """
 
     def __init__(self, prompt_ids, max_tokens, on_event, *, params=None, cache_salt=None, **sampling):
@@ -48,7 +53,10 @@ class Sequence:
         self.cache_salt = cache_salt
         # set from another thread
         self.cancelled = False          # the client left
-        # the engine's bookkeeping, set when the sequence is admitted
+        # the engine's bookkeeping
+        self.queued_at = None           # time.monotonic() when submitted
+        self.expired = False            # waited past max_queue_seconds, never admitted
+        self.retry_after = None         # seconds to suggest when expired
         self.done = False
         self.failed = False
         self.admitted = None            # its place in the order of admission
@@ -78,15 +86,23 @@ class Engine:
 
     submit(seq) queues a Sequence, or raises EngineBusy when max_waiting are
     already queued (the server answers 429 with Retry-After: a full queue
-    turns a burst into refusals a client can retry, not minutes of waiting). Every step is planned within a budget of
-    max_step_tokens new tokens: each decoding sequence brings its newest
-    token, then the prompts being read bring their next pieces, in order of
-    arrival, then waiting sequences join (while fewer than max_batch are
-    active) with the first piece of their prompt. The step is one forward
-    pass; a prompt read to its end, and every decoding sequence, gets its
-    next token. A sequence leaves at its end, on cancel() (checked every
-    step), or on an error, which reaches only the sequences it concerns.
-    max_batch=1 decodes one request at a time, in arrival order.
+    turns a burst into refusals a client can retry, not minutes of waiting).
+    A sequence still queued after max_queue_seconds gets an error with
+    seq.expired set instead of waiting on (None: no limit).
+
+    Every step first lets waiting sequences join, in order of arrival, while
+    fewer than max_batch are active (however long the prompts already being
+    read: a short request does not wait for them). Then it is planned within
+    a budget of max_step_tokens new tokens: each decoding sequence brings its
+    newest token, and the prompts being read share what is left, shortest
+    remaining first, none taking more than an equal share of what the
+    shorter ones left (`share_budget`): a short prompt is read in one step
+    beside long ones, and long ones share the rest evenly, so none starves.
+    The step is one forward pass; a prompt read to its end, and every
+    decoding sequence, gets its next token. A sequence leaves at its end, on
+    cancel() (checked every step), or on an error, which reaches only the
+    sequences it concerns. max_batch=1 decodes one request at a time, in
+    arrival order.
 
     A smaller budget keeps each step short (the tokens of the sequences
     already answering keep coming while a long prompt is read); a larger
@@ -96,13 +112,19 @@ class Engine:
     per step means sequences shared the passes); max_batch_seen (the most
     sequences in one step); prefills (sequences admitted); prompt_tokens
     (prompt tokens computed); reused_tokens (prompt tokens found in the
-    prefix cache instead).
+    prefix cache instead); expired (sequences that waited too long).
     """
 
     def __init__(self, model, tokenizer, max_batch=16, max_length=2048, max_step_tokens=256,
-                 prefix_tokens=4096, max_waiting=64):
+                 prefix_tokens=4096, max_waiting=64, max_queue_seconds=None):
         self.max_batch = positive_int("max_batch", max_batch)
         self.max_waiting = positive_int("max_waiting", max_waiting)
+        if max_queue_seconds is not None and (isinstance(max_queue_seconds, bool)
+                                              or not isinstance(max_queue_seconds, (int, float))
+                                              or not 0 < max_queue_seconds < math.inf):
+            raise ValueError(f"max_queue_seconds must be a positive number of seconds or None, "
+                             f"got {max_queue_seconds!r}")
+        self.max_queue_seconds = max_queue_seconds
         self.max_step_tokens = positive_int("max_step_tokens", max_step_tokens)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch = make_batch(model, max_batch, max_length, prefix_tokens)
@@ -111,7 +133,7 @@ class Engine:
         self.waiting = collections.deque()
         self.cond = threading.Condition()
         self.stats = dict(steps=0, batch_tokens=0, max_batch_seen=0, prefills=0, prompt_tokens=0,
-                          reused_tokens=0)
+                          reused_tokens=0, expired=0)
         self._stopping = False
         self._threads = torch.get_num_threads()      # a new thread starts with the default
         self._thread = threading.Thread(target=self._run, name="gptcourse.serve.Engine", daemon=True)
@@ -124,7 +146,8 @@ class Engine:
             if len(self.waiting) >= self.max_waiting:
                 raise EngineBusy(f"{len(self.waiting)} requests are waiting for the model "
                                  f"and {len(self.active)} are being answered",
-                                 retry_after=1 + len(self.waiting) // self.max_batch)
+                                 retry_after=self._retry_after())
+            seq.queued_at = time.monotonic()
             self.waiting.append(seq)
             self.cond.notify()
         return seq
@@ -136,6 +159,10 @@ class Engine:
         self._thread.join(timeout=30)
         for seq in list(self.waiting) + self.active:
             self._fail(seq, "the server is shutting down")
+
+    def _retry_after(self):
+        """Seconds to suggest to a client refused for load: one per batch queued ahead."""
+        return 1 + len(self.waiting) // self.max_batch
 
     @property
     def load(self):
@@ -161,28 +188,46 @@ class Engine:
                     if self._stopping:
                         return
                 self._drop_finished()
+                self._expire_waiting()
                 chunks = self._plan()
                 if any(chunks):
                     self._step(chunks)
 
+    def _expire_waiting(self):
+        """Drop queued sequences whose client left; fail those queued longer than
+        max_queue_seconds (seq.expired: the server answers them as an overload)."""
+        now = time.monotonic()
+        with self.cond:
+            gone = [seq for seq in self.waiting if seq.cancelled or (
+                self.max_queue_seconds is not None and now - seq.queued_at > self.max_queue_seconds)]
+            for seq in gone:
+                self.waiting.remove(seq)
+            retry_after = self._retry_after()
+        for seq in gone:
+            if seq.cancelled:
+                seq.done = True
+                continue
+            seq.expired, seq.retry_after = True, retry_after
+            self.stats["expired"] += 1
+            self._fail(seq, f"the request waited {now - seq.queued_at:.0f} s for the model, longer than "
+                            f"the limit of {self.max_queue_seconds:g} s: the server is overloaded")
+
     def _plan(self):
         """This step's new tokens, one list per active row (admitting waiting sequences)."""
-        chunks = [[] if seq.todo else [seq.last] for seq in self.active]
-        budget = self.max_step_tokens - sum(map(len, chunks))
-        least = 1                                             # a prompt moves on every step
-        reading = sorted((seq.admitted, r) for r, seq in enumerate(self.active) if seq.todo)
-        for _, r in reading:                                  # prompts being read, oldest first
-            chunks[r] = self.active[r].todo[:max(budget, least)]
-            budget -= len(chunks[r])
-            least = 0
-        while budget > 0 and len(self.active) < self.max_batch:
+        while len(self.active) < self.max_batch:               # join first, whatever is being read
             with self.cond:
                 if not self.waiting:
                     break
                 seq = self.waiting.popleft()
-            if self._admit(seq):
-                chunks.append(seq.todo[:budget])
-                budget -= len(chunks[-1])
+            self._admit(seq)
+        chunks = [[] if seq.todo else [seq.last] for seq in self.active]
+        budget = self.max_step_tokens - sum(map(len, chunks))
+        reading = [r for r, seq in enumerate(self.active) if seq.todo]
+        takes = share_budget([len(self.active[r].todo) for r in reading], budget)
+        if reading and not any(takes):                         # no budget left: the oldest still moves
+            takes[min(range(len(reading)), key=lambda i: self.active[reading[i]].admitted)] = 1
+        for r, take in zip(reading, takes):
+            chunks[r] = self.active[r].todo[:take]
         return chunks
 
     def _admit(self, seq):
@@ -302,6 +347,30 @@ class Engine:
     def _end(self, seq, reason):
         seq.done = True
         seq.on_event("end", (reason, len(seq.tokens)))
+
+
+def share_budget(lengths, budget):
+    """How many tokens each prompt being read gets this step: the prompts' remaining
+    lengths and the step's budget -> a list of takes, in the same order.
+
+    Shortest first, each takes all it has left or an equal share of the
+    budget still unassigned, whichever is less ("water-filling"): a short
+    prompt finishes in one step, long ones split the rest evenly, the takes
+    never add up to more than the budget, and none is left out while the
+    budget is at least the number of prompts.
+
+    >>> share_budget([1800, 30, 1800, 1800, 1800], 256)
+    [57, 30, 57, 56, 56]
+    >>> share_budget([5, 3], 100), share_budget([4, 4], 0)
+    ([5, 3], [0, 0])
+    """
+    takes = [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    left = max(0, budget)
+    for n, i in enumerate(order):
+        takes[i] = min(lengths[i], -(-left // (len(order) - n)))     # ceil(left / prompts left)
+        left -= takes[i]
+    return takes
 
 
 def resident_bytes():

@@ -24,7 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, format_chat
-from .app import _Guard, build_app
+from .app import ClientLimits, _Guard, build_app
 from .engine import Engine
 from .params import positive_int
 from .prompt import prepare
@@ -119,11 +119,26 @@ def is_loopback(host):
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
+def api_key_list(api_key):
+    """api_key (None, a key, or a list of keys, one per client) -> a tuple of keys;
+    ValueError for a key that is not a string of at least 8 printable characters
+    without spaces, or a key given twice."""
+    keys = () if api_key is None else (api_key,) if isinstance(api_key, str) else api_key
+    if not isinstance(keys, (list, tuple)) or (api_key is not None and not keys):
+        raise ValueError(f"api_key must be a string or a non-empty list of strings, got {type(api_key).__name__}")
+    for i, key in enumerate(keys):
+        if not isinstance(key, str) or len(key) < 8 or not key.isprintable() or " " in key:
+            raise ValueError(f"api_key must be a string of at least 8 printable characters without "
+                             f"spaces (key #{i + 1} is not)")
+    if len(set(keys)) != len(keys):
+        raise ValueError("api_key: the same key is given twice; give each client its own")
+    return tuple(keys)
+
+
 def check_bind(host, api_key):
-    """Refuse (ValueError) an address other machines may reach when there is no API key."""
-    if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8
-                                or not api_key.isprintable() or " " in api_key):
-        raise ValueError("api_key must be a string of at least 8 printable characters without spaces")
+    """Refuse (ValueError) an address other machines may reach when there is no API key,
+    and a key (or list of keys) that api_key_list refuses."""
+    api_key = api_key_list(api_key) or None
     if api_key is None and not is_loopback(host):
         raise ValueError(
             f"refusing to listen on {host!r}: that address may be reachable from other machines, "
@@ -163,6 +178,7 @@ class ChatServer:
                  max_tokens_cap=MAX_TOKENS_CAP, default_max_tokens=DEFAULT_MAX_TOKENS,
                  max_body_bytes=MAX_BODY_BYTES, max_batch=16, max_context=MAX_CONTEXT,
                  max_step_tokens=256, prefix_cache_tokens=4096, max_waiting=64,
+                 max_queue_seconds=60.0, max_client_requests=8, client_tokens_per_minute=200_000,
                  request_timeout=30.0, max_connections=256, max_connections_per_address=32,
                  default_system=SMOLLM2_SYSTEM,
                  log_requests=False):
@@ -178,6 +194,11 @@ class ChatServer:
                             ("max_connections_per_address", max_connections_per_address)):
             positive_int(name, value)
         positive_int("prefix_cache_tokens", prefix_cache_tokens, least=0)
+        if max_queue_seconds is not None and (isinstance(max_queue_seconds, bool)
+                                              or not isinstance(max_queue_seconds, (int, float))
+                                              or not 0 < max_queue_seconds < float("inf")):
+            raise ValueError(f"max_queue_seconds must be a positive number of seconds or None, "
+                             f"got {max_queue_seconds!r}")
         if not isinstance(request_timeout, (int, float)) or not request_timeout > 0:
             raise ValueError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
         if not isinstance(port, int) or not 0 <= port < 65536:
@@ -185,12 +206,14 @@ class ChatServer:
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_tokens_cap, self.default_max_tokens = max_tokens_cap, default_max_tokens
         self.max_body_bytes, self.api_key, self.max_context = max_body_bytes, api_key, max_context
+        self.api_keys = api_key_list(api_key)
+        self.limits = ClientLimits(max_client_requests, client_tokens_per_minute)
         self.default_system = default_system
         self.created = int(time.time())
         self._sock = self._bind(host, port)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_step_tokens=max_step_tokens,
                              prefix_tokens=prefix_cache_tokens, max_waiting=max_waiting,
-                             max_length=max_context if self.chatml else 1 << 30)
+                             max_queue_seconds=max_queue_seconds, max_length=max_context if self.chatml else 1 << 30)
         self._start(request_timeout, max_connections, max_connections_per_address, log_requests)
 
     def _bind(self, host, port):
@@ -292,7 +315,8 @@ def serve(model, tokenizer, host="127.0.0.1", port=0, **options):
     gptcourse.gpt.GPT with a CharTokenizer (the course's transcript format).
     port=0 lets the operating system pick a free port (see .port / .url).
     options: model_name ("smollm2-135m-instruct" or "gptcourse-char"),
-    api_key (None: no authentication, loopback only), max_batch (16
+    api_key (None: no authentication, loopback only; a list of keys: one per
+    client, each with its own limits and prefix-cache entries), max_batch (16
     sequences decoded together; 1: one at a time), max_step_tokens (256 new
     tokens per forward pass: a prompt longer than what is left of it is read
     in pieces), prefix_cache_tokens (4096: keys and values of recent
@@ -302,7 +326,12 @@ def serve(model, tokenizer, host="127.0.0.1", port=0, **options):
     max_body_bytes (1 MiB), request_timeout (30 s to send a whole request;
     the first byte within 5 s of connecting), max_connections (256),
     max_connections_per_address (32), max_waiting (64 requests queued; one
-    more gets 429), default_system (SmolLM2's system prompt),
+    more gets 429), max_queue_seconds (60: a request queued longer gets 503
+    with Retry-After; None: no limit), max_client_requests (8 requests in
+    flight per client; one more gets 429), client_tokens_per_minute (200,000
+    prompt + max_tokens per client per minute, unused ones refunded; over it,
+    429 with Retry-After). A client is its API key when there are several
+    keys, else its address. default_system (SmolLM2's system prompt),
     log_requests (False). Returns a running ChatServer.
     """
     return ChatServer(model, tokenizer, host=host, port=port, **options)
