@@ -461,3 +461,27 @@ def test_two_api_keys_do_not_share_the_prefix_cache():
         again, _ = cached(KEYS[0])
         other, _ = cached(KEYS[1])
     assert first == 0 and again > n // 2 and other == 0
+
+
+# ----------------------------------------------------------------------------
+# The settings
+# ----------------------------------------------------------------------------
+
+def test_keys_and_limits_are_checked_before_a_model_loads(tmp_path, capsys):
+    """A key file of several lines is one key per client; a list with a short or repeated
+    key, and limits out of range, are refused (the command line exits 2 before loading)."""
+    import argparse
+    from gptcourse.serve import check_bind, main, read_api_key
+    path = tmp_path / "keys"
+    path.write_text("student-a-0001\n\nstudent-b-0002\n")
+    assert read_api_key(argparse.Namespace(api_key_file=str(path), api_key=None), {}) == ["student-a-0001",
+                                                                                        "student-b-0002"]
+    check_bind("0.0.0.0", ["student-a-0001", "student-b-0002"])
+    for keys, match in ((["student-a-0001", "short"], "key #2"), (["student-a-0001"] * 2, "twice"), ([], "list")):
+        with pytest.raises(ValueError, match=match):
+            check_bind("127.0.0.1", keys)
+    for flag, value in (("--max-client-requests", "0"), ("--client-tokens-per-minute", "-5"),
+                        ("--max-queue-seconds", "nan")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", "char", flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
