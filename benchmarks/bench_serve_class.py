@@ -21,7 +21,7 @@ client's median wait over the median client's, the answers by HTTP status
 /health before, at its peak and after. Issue 27's goal: no client waits
 more than a few times the median. Usage:
 
-    python benchmarks/bench_serve_class.py [--requests 3] [--threads 2] [--save DIR]
+    python benchmarks/bench_serve_class.py [--requests 2] [--threads 2] [--save DIR]
 """
 import argparse
 import asyncio
@@ -104,9 +104,9 @@ class Student:
         elif self.kind == "tools":
             city = ["Paris", "Oslo", "Lima", "Cairo"][(self.i + j) % 4]
             body.update(messages=[{"role": "user", "content": f"What is the weather in {city}?"}], tools=WEATHER,
-                        tool_choice="required" if j % 2 else "auto", max_tokens=32)
+                        tool_choice="required" if j % 2 else "auto", max_tokens=24)
         elif self.kind in ("stream", "leave"):
-            body["max_tokens"] = 24 if self.kind == "stream" else 64
+            body["max_tokens"] = 16 if self.kind == "stream" else 32
         if self.kind in ("stream", "long", "leave"):
             body.update(stream=True, stream_options={"include_usage": True})
         return body
@@ -226,7 +226,7 @@ def summarize(students, wall, before, peak, after):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3, help="requests per student (long: one fewer)")
+    parser.add_argument("--requests", type=int, default=2, help="requests per student (long: one fewer)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, default=None, help="save the run for the book's appendix in DIR")
