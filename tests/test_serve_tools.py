@@ -177,7 +177,8 @@ def test_required_with_one_tool_is_a_call_to_it(tok):
     named = {"type": "function", "function": {"name": "get_weather"}}
     job = prepared(tok, request(question, tools=[WEATHER], tool_choice="required"))
     as_named = prepared(tok, request(question, tools=[WEATHER], tool_choice=named))
-    assert job.prefill == named_prefill("get_weather") == '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert job.prefill == named_prefill("get_weather", keyed=True) == \
+        '<tool_call>\n{"name": "get_weather", "arguments": {"'
     assert (job.named, job.prompt_ids, job.prefill) == (as_named.named, as_named.prompt_ids, as_named.prefill)
     assert tok.decode(job.prompt_ids).endswith("<|im_start|>assistant\n" + job.prefill)
     assert tool_prefill(request(question, tools=TOOLS, tool_choice="required")) == "<tool_call>\n"
@@ -194,7 +195,7 @@ def test_required_with_several_tools_asks_the_scorer(tok):
 
     req = request("What time is it in Tokyo?", tools=TOOLS, tool_choice="required")
     job = prepared(tok, req, scorer=scorer)
-    assert job.named == "get_time" and job.prefill == named_prefill("get_time")
+    assert job.named == "get_time" and job.prefill == named_prefill("get_time", keyed=True)
     ((prompts, continuations),) = seen                                     # one scoring call
     assert all(p == prompts[0] for p in prompts)
     assert tok.decode(prompts[0]).endswith('<|im_start|>assistant\n<tool_call>\n{"name": "')
@@ -205,8 +206,9 @@ def test_required_with_several_tools_asks_the_scorer(tok):
     for p, c, t in zip(prompts, continuations, TOOLS):    # prompt + continuation: the conversation, a named call
         name = t["function"]["name"]
         assert p + c == base + tok.encode(named_prefill(name), allow_special=False)
-        assert tok.decode(c) == name + '", "arguments": '
-    assert job.prompt_ids == prompts[1] + continuations[1]
+        assert tok.decode(c) == name + '", "arguments":'
+    assert job.prompt_ids == base + tok.encode(named_prefill("get_time", keyed=True), allow_special=False)
+    assert job.prompt_ids[:len(prompts[1] + continuations[1])] == prompts[1] + continuations[1]
     # a conversation with no room for the calls' openings: 400 before the model reads it
     def never(prompts, continuations):
         raise AssertionError("scored a prompt that cannot fit")
@@ -236,6 +238,13 @@ def test_a_required_call_is_a_call_whatever_the_model_writes():
         assert reason == "tool_calls" and call["function"]["name"] == "get_time" and message["content"] is None
     message, reason = assistant_message(job, '{"zone": "As', "length")           # cut inside the arguments
     assert reason == "length" and message["tool_calls"][0]["function"]["arguments"] == '{"zone": "As'
+    # the prefill went on through ' {"': the arguments start in it
+    keyed = types.SimpleNamespace(named="get_time", prefill=named_prefill("get_time", keyed=True),
+                                  tool_names=frozenset({"get_time"}))
+    message, reason = assistant_message(keyed, 'zone": "Asia/Tokyo"}}\n</tool_call>', "stop")
+    assert (reason, message["tool_calls"][0]["function"]["arguments"]) == ("tool_calls", '{"zone": "Asia/Tokyo"}')
+    message, reason = assistant_message(keyed, 'zone', "length")
+    assert (reason, message["tool_calls"][0]["function"]["arguments"]) == ("length", '{"zone')
     # a model pushed (logit_bias) to nest without end: no call, and no RecursionError (a 500)
     assert parse_tool_calls("<tool_call>" + "[" * 5000, {"f"}) == ("<tool_call>" + "[" * 5000, [])
 
@@ -252,7 +261,7 @@ def test_the_scores_are_the_models_own(smollm2):
     with torch.no_grad():
         for t, score in zip(TOOLS, scores):
             full = base + tok.encode(named_prefill(t["function"]["name"]), allow_special=False)
-            tail = len(tok.encode(t["function"]["name"] + '", "arguments": '))
+            tail = len(tok.encode(t["function"]["name"] + '", "arguments":'))
             logp = torch.log_softmax(model(torch.tensor([full]))[0][0].double(), dim=-1)
             reference = sum(float(logp[i - 1, full[i]]) for i in range(len(full) - tail, len(full)))
             assert score == pytest.approx(reference, abs=2e-3)

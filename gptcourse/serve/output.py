@@ -142,7 +142,8 @@ def assistant_message(job, text, finish):
     """(the assistant message, finish_reason) of a finished completion, tool calls
     parsed out. job: the PreparedRequest (gptcourse.serve.prompt)."""
     if job.named:                     # the server wrote the call's start: the model wrote its arguments
-        value = text.split("</tool_call>")[0].strip()
+        # (their start may be the prefill's: ' {"' after '"arguments":', see prompt.named_prefill)
+        value = (job.prefill.partition('"arguments":')[2] + text).split("</tool_call>")[0].strip()
         try:
             arguments, _ = json.JSONDecoder().raw_decode(value)
             arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)

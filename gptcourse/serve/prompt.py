@@ -6,7 +6,9 @@ course's GPT), the tools offered in the system message as ChatML models
 (Qwen, Hermes) expect them, and the request's knobs become SamplingParams.
 What depends on the served model (its vocabulary, its context, the
 server's cap on max_tokens) is checked here; what does not is checked by
-the pydantic models (gptcourse.serve.protocol).
+the pydantic models (gptcourse.serve.protocol). A prompt too long for the
+context is refused before it is tokenized (check_fits), and tool_choice
+"required" ends in a call to an offered tool (prepare, choose_tool).
 """
 import json
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ class PreparedRequest:
     answer; sampling: the SamplingParams; cache_salt: the request's prefix-
     cache salt; prefill: the start of a tool call the server wrote for the
     model (tool_choice "required" or named), "" otherwise; tool_names: the
-    tools offered; named: the tool a named tool_choice calls, else None;
+    tools offered; named: the tool the call goes to (a named tool_choice, or the
+    one "required" chose), else None;
     include_usage: a last streamed chunk with the usage.
 
     Chapter 18 reads it as the dict it used to be: job["prefill"] is job.prefill.
@@ -122,20 +125,33 @@ def offered_tools(req):
     return req.tools
 
 
-def named_prefill(name):
-    """The opening of a call to tool `name`, through the name: the model writes its arguments."""
-    return '<tool_call>\n{"name": ' + json.dumps(name) + ', "arguments": '
+def named_prefill(name, keyed=False):
+    """The opening of a call to tool `name`, through the name: the model writes its arguments.
+
+    It ends at '"arguments":', without the space JSON puts after it: the
+    tokenizer reads ' {"' as one token, so a prefill ending in a space ends
+    in a token the model never saw there (SmolLM2, so prompted after chapter
+    18's two worked calls, wrote the bare expression, '"arguments":
+    396*5971}', for each of the 5 questions tried). keyed: the tool's
+    parameters have properties, so its arguments are an object with keys:
+    the prefill goes on through that token, ' {"', and the model writes the
+    first key on (for the same 5 questions: 'expression": ...' each time, so
+    '{"expression": "396*5971"}' for the first).
+    """
+    return '<tool_call>\n{"name": ' + json.dumps(name) + ', "arguments":' + (' {"' if keyed else '')
+
+
+def _keyed(tool):
+    """Whether the tool's parameters declare properties (its arguments are an object with keys)."""
+    properties = (tool.function.parameters or {}).get("properties")
+    return isinstance(properties, dict) and bool(properties)
 
 
 def _called(req, tools):
-    """The tool a call must go to, known without the model: the named one, or
-    the only one offered under "required"; else None."""
-    if not tools:
-        return None
-    if isinstance(req.tool_choice, NamedToolChoice):
-        return req.tool_choice.function.name
-    if req.tool_choice == "required" and len(tools) == 1:
-        return tools[0].function.name
+    """The tool a call must go to, known without the model: the named one (the
+    only one offered_tools keeps), or the only one offered under "required"; else None."""
+    if tools and (isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required" and len(tools) == 1):
+        return tools[0]
     return None
 
 
@@ -145,9 +161,9 @@ def tool_prefill(req):
     named tool_choice, or "required" with one tool offered), else "<tool_call>\n"
     ("required" with several tools, when no scorer picks one: see prepare)."""
     tools = offered_tools(req)
-    name = _called(req, tools)
-    if name is not None:
-        return named_prefill(name)
+    tool = _called(req, tools)
+    if tool is not None:
+        return named_prefill(tool.function.name, _keyed(tool))
     return "<tool_call>\n" if tools and req.tool_choice == "required" else ""
 
 
@@ -159,7 +175,7 @@ def choose_tool(names, prompts, scorer):
     log-probability of each continuation after its prompt (model_scorer).
     The tokens all the prompts share (the conversation and
     '<tool_call>\n{"name": "') are the prompt, the rest of each (the name and
-    the '", "arguments": ' that ends it) is scored, all in one call. Returns
+    the '", "arguments":' that ends it) is scored, all in one call. Returns
     (the name with the highest log-probability, the first on a tie; the scores).
     """
     if not names or len(prompts) != len(names):
@@ -285,14 +301,16 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
         def prompt_for(prefill):
             return _transcript_ids(messages, tokenizer, prefill)
         stop_ids, stops = (), TURN_STOPS
-    named = _called(req, tools)
-    if named is None and req.tool_choice == "required" and len(tools) > 1 and scorer is not None:
+    called = _called(req, tools)
+    if called is None and req.tool_choice == "required" and len(tools) > 1 and scorer is not None:
         names = [t.function.name for t in tools]
-        candidates = [prompt_for(named_prefill(name)) for name in names]
+        candidates = [prompt_for(named_prefill(name)) for name in names]       # scored by the name alone
         if chatml:                                        # every candidate must fit before the model reads them
-            completion_budget(req, max(map(len, candidates)), max_tokens_cap, default_max_tokens, max_context)
-        named, _ = choose_tool(names, candidates, scorer)
-    prefill = named_prefill(named) if named is not None else tool_prefill(req)
+            completion_budget(req, max(map(len, candidates)) + 1, max_tokens_cap, default_max_tokens, max_context)
+        name, _ = choose_tool(names, candidates, scorer)
+        called = tools[names.index(name)]
+    named = called.function.name if called is not None else None
+    prefill = named_prefill(named, _keyed(called)) if called is not None else tool_prefill(req)
     prompt_ids = prompt_for(prefill)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_tokens = completion_budget(req, len(prompt_ids), max_tokens_cap, default_max_tokens,
