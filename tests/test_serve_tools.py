@@ -132,6 +132,10 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(tok, monkeypatch)
     assert k * 81 > 80_000                      # over 80,000 bytes, and the bound lets them through
     with pytest.raises(APIError, match="maximum context length"):
         prepared(tok, request(("\n" + " " * 80) * (k + 2), max_tokens=1))
+    # max_tokens over the server's cap is that error first, as it was before the bound
+    with pytest.raises(APIError, match="max_tokens must be at most 1024") as e:
+        prepared(tok, request("a" * 1_000_000, max_tokens=5000))
+    assert e.value.param == "max_tokens"
     # max_tokens counts: a prompt of at least 600 tokens leaves no room for 500 more
     with pytest.raises(APIError, match="the completion needs 500"):
         prepared(tok, request(" " * 81 * 600, max_tokens=500))

@@ -291,7 +291,8 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
     messages = chat_messages(req, default_system if chatml else None)
     tools = offered_tools(req)
     if chatml:
-        check_fits(req, messages, tokenizer, max_context)                 # before any tokenizing
+        completion_budget(req, 0, max_tokens_cap, default_max_tokens)      # max_tokens within the cap, then
+        check_fits(req, messages, tokenizer, max_context)                 # the length, before any tokenizing
         base = encode_chatml(messages, tokenizer, default_system=default_system)
 
         def prompt_for(prefill):
