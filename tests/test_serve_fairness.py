@@ -238,6 +238,8 @@ def test_a_client_over_its_in_flight_limit_gets_429_while_another_is_served(mode
         try:
             held = [open_stream(s, KEYS[0], max_tokens=200)[0] for _ in range(2)]
             assert s.limits.in_flight == {"API key #1": 2}
+            health = httpx.get(s.url + "/health", timeout=10).json()
+            assert health["clients_in_flight"] == 1 and health["client_requests_in_flight"] == 2
             one = openai.OpenAI(base_url=s.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=30)
             two = openai.OpenAI(base_url=s.url + "/v1", api_key=KEYS[1], max_retries=0, timeout=30)
             start = time.monotonic()
