@@ -13,11 +13,12 @@ steps, the conversation remembered by the prefix cache, the row released):
 
 and reports the cache's bytes and the process's RSS before, after the prompt,
 and after the sequence ended. Speed: in one process, both caches step the
-same batch (8 rows of 512 past tokens, 32 decoding steps; then one 1,400-token
-prompt read in pieces of 256), alternated, best of 3: tokens per second.
+same rows (8 rows of 512 past tokens: a step where all decode, and a step
+where one reads a 256-token piece of a prompt), alternated, the best of 10
+of each: milliseconds and tokens per second.
 Timings drift on a shared machine: compare the columns of one run. Usage:
 
-    python benchmarks/bench_paged.py [--prompt 1400] [--rows 8] [--past 512] [--steps 32] [--threads 2]
+    python benchmarks/bench_paged.py [--prompt 1400] [--rows 8] [--past 512] [--reps 10] [--threads 2] [--skip-memory]
 """
 import argparse
 import json
@@ -111,52 +112,38 @@ def one_prompt(kind, n_prompt, threads):
     return out
 
 
-def speed(model, rows, past, steps, n_prompt):
-    """tokens/s of decoding steps and of reading a long prompt, both caches on the same batch."""
+def speed(model, rows, past, reps):
+    """Seconds of one step (the best of reps), both caches on the same rows, the
+    kinds alternated so that a busy moment of the machine hits both: a decoding
+    step of `rows` rows with `past` tokens each, and a 256-token piece of a
+    prompt after `past` tokens. The step is rerun on the same state (the rows'
+    lengths restored: the new keys overwrite the same positions)."""
     torch.manual_seed(1)
     V = model.config.vocab_size
     pasts = [torch.randint(0, V, (past,)).tolist() for _ in range(rows)]
-    prompt = torch.randint(0, V, (n_prompt,)).tolist()
-    best = {}
+    piece = torch.randint(0, V, (256,)).tolist()
+    batches = {}
     with torch.inference_mode():
-        for _ in range(3):
-            for kind in ("contiguous", "paged"):
-                batch, _ = make(kind, model, rows, 2048)
-                for r in range(rows):
-                    batch.start(r, [0])                     # an empty row r (the token is not read)
-                for at in range(0, past, 256):              # every row's past, read together
-                    batch.step([p[at:at + 256] for p in pasts])
-                t = time.perf_counter()
-                tokens = [[1]] * rows
-                for _ in range(steps):
-                    logits = batch.step(tokens)
-                    tokens = [[int(t)] for t in logits.argmax(-1)]
-                decode = rows * steps / (time.perf_counter() - t)
-                batch, _ = make(kind, model, 1, 2048)
-                batch.start(0, [0])
-                t = time.perf_counter()
-                for at in range(0, n_prompt, 256):
-                    batch.step([prompt[at:at + 256]])
-                prefill = n_prompt / (time.perf_counter() - t)
-                b = best.setdefault(kind, {"decode_tok_s": 0.0, "prefill_tok_s": 0.0})
-                b["decode_tok_s"] = max(b["decode_tok_s"], decode)
-                b["prefill_tok_s"] = max(b["prefill_tok_s"], prefill)
+        for kind in ("contiguous", "paged"):
+            batch, _ = make(kind, model, rows, 2048)
+            for r in range(rows):
+                batch.start(r, [0])                             # an empty row r (the token is not read)
+            for at in range(0, past, 256):                      # every row's past, read together
+                batch.step([p[at:at + 256] for p in pasts])
+            batches[kind] = batch
+        best = {kind: {"decode": float("inf"), "prefill": float("inf")} for kind in batches}
+        for _ in range(reps):
+            for kind, batch in batches.items():
+                lengths = batch.cache.lengths.clone()
+                for name, chunks in (("decode", [[1]] * rows), ("prefill", [piece] + [[]] * (rows - 1))):
+                    t = time.perf_counter()
+                    batch.step(chunks)
+                    best[kind][name] = min(best[kind][name], time.perf_counter() - t)
+                    batch.cache.lengths.copy_(lengths)
     return best
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", type=int, default=1400)
-    ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--past", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--child", choices=["contiguous", "paged"], help=argparse.SUPPRESS)
-    ap.add_argument("--skip-speed", action="store_true")
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(one_prompt(args.child, args.prompt, args.threads)))
-        return
+def memory(args):
     print(f"one {args.prompt}-token prompt, a batch of 16 rows of up to 2,048 positions "
           f"(a fresh process each; MiB):")
     print(f"{'cache':<11} {'cache after prompt':>19} {'cache after end':>16} "
@@ -167,17 +154,35 @@ def main():
         r = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"{kind:<11} {r['cache_prompt'] / MiB:19.1f} {r['cache_end'] / MiB:16.1f} "
               f"{r['rss_loaded'] / MiB:11.0f} {r['rss_prompt'] / MiB:11.0f} {r['rss_end'] / MiB:9.0f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=1400)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--past", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", choices=["contiguous", "paged"], help=argparse.SUPPRESS)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one_prompt(args.child, args.prompt, args.threads)))
+        return
+    if not args.skip_memory:
+        memory(args)
     if args.skip_speed:
         return
     torch.set_num_threads(args.threads)
     model, _ = llama.load_gguf()
     model.eval()
-    best = speed(model, args.rows, args.past, args.steps, args.prompt)
-    print(f"\nspeed, best of 3 ({args.threads} threads): {args.rows} rows of {args.past} past tokens "
-          f"decoding {args.steps} steps; one {args.prompt}-token prompt in pieces of 256")
+    best = speed(model, args.rows, args.past, args.reps)
+    print(f"\none step, best of {args.reps} ({args.threads} threads), {args.rows} rows of {args.past} "
+          f"past tokens: all {args.rows} decode one token; or one row reads 256 prompt tokens")
     for kind, b in best.items():
-        print(f"{kind:<11} decode {b['decode_tok_s']:7.1f} tokens/s   prefill {b['prefill_tok_s']:7.1f} tokens/s")
-
+        print(f"{kind:<11} decode {b['decode'] * 1000:7.1f} ms ({args.rows / b['decode']:6.1f} tokens/s)   "
+              f"prefill {b['prefill'] * 1000:7.1f} ms ({256 / b['prefill']:6.1f} tokens/s)")
 
 if __name__ == "__main__":
     main()
