@@ -230,9 +230,9 @@ class PagedKVCache:
         """Start row on `blocks` held elsewhere (full ones, never written again), filled up to `length`."""
         if not 0 <= length <= len(blocks) * self.block_size:
             raise ValueError(f"{len(blocks)} blocks of {self.block_size} do not hold {length} positions")
-        self.release(row)
-        for b in blocks:
+        for b in blocks:                  # first: a block the row held itself stays in use
             self.hold(b)
+        self.release(row)
         self.tables[row] = list(blocks)
         self.lengths[row] = length
 
