@@ -218,6 +218,38 @@ def test_a_row_started_on_shared_blocks_never_writes_them(tiny_llama):
         batch.step([[], [1] * 47])                                     # 18 + 47 = 65 positions
 
 
+def test_the_batch_gives_memory_back_and_still_finds_its_prefixes(tiny_llama):
+    """LlamaBatch, blocks of 4, a prefix cache of 16 tokens (4 blocks). Two
+    100-token prompts take 25 blocks each, 0-24 and 25-49: the pool grows
+    32 -> 64. Row 1's is remembered (its first 4 blocks, 25-28, kept: a
+    sequence's tail goes first); row 0 ends and row 1 moves up: 25 blocks in
+    use, under half of 64, so the pool is compacted to 32 (min_blocks; 25 and
+    a quarter more is 31) and blocks 25-49 become 0-24. The prefix cache was
+    renumbered: a prompt beginning like row 1's still finds 16 tokens, and
+    both rows then get the model's logits."""
+    from gptcourse.serve import LlamaBatch
+    torch.manual_seed(5)
+    a, b = torch.randint(0, 50, (100,)).tolist(), torch.randint(0, 50, (100,)).tolist()
+    batch = LlamaBatch(tiny_llama, rows=2, max_length=128, prefix_tokens=16, block_size=4)
+    batch.start(0, a)
+    batch.start(1, b)
+    batch.step([a, b])
+    assert batch.cache.blocks == 64 and batch.cache.used == 50
+    batch.remember(1, b)
+    assert batch.prefixes.blocks == 4 and batch.memory(2)["kv_cache_blocks_in_use"] == 50
+    assert batch.cache.tables[1][:4] == [25, 26, 27, 28]
+    batch.move(1, 0)                                                    # row 0 ends, b moves up
+    m = batch.memory(1)
+    assert (m["kv_cache_blocks"], m["kv_cache_blocks_in_use"], m["prefix_cache_tokens"]) == (32, 25, 16)
+    assert m["kv_cache_bytes"] == 32 * batch.cache.block_bytes and m["kv_cache_positions_in_use"] == 100
+    assert batch.cache.tables[0] == list(range(25))
+    c = b[:20] + [7]
+    assert batch.start(1, c) == (c[16:], 16)
+    logits = batch.step([[3], c[16:]])
+    for row, seq in enumerate([b + [3], c]):
+        torch.testing.assert_close(logits[row], tiny_llama(torch.tensor([seq]))[0][0, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_paged_cache_checks_its_arguments():
     for bad in (0, -1, 2.0, True, None):
         with pytest.raises(ValueError, match="block_size"):
