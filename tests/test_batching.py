@@ -297,3 +297,38 @@ def test_requests_that_share_a_beginning_join_and_leave_and_find_it_in_the_prefi
     assert max(map(len, steps)) == 2 and engine.stats["max_batch_seen"] == 2
     # the passes fed the prompts' uncached tokens and every answer token but each answer's last
     assert sum(map(sum, steps)) == sum(map(len, prompts)) - 30 + sum(lengths) - len(prompts)
+
+
+def test_a_request_that_fails_on_admission_gives_its_blocks_back(tiny_llama, monkeypatch):
+    """A request whose admission fails after its row took blocks (here: the prefix
+    cache's blocks of its prompt, then its text output cannot be built) gets its
+    error, and the row holds no block afterwards: every block is held once, by the
+    prefix cache. The next request is answered as one-at-a-time decoding answers it."""
+    import gptcourse.serve.engine as engine_module
+    engine = _engine(tiny_llama, 4, max_batch=2, max_length=64)
+    real = engine_module.TextOutput
+    failing = {"now": False}
+
+    def text_output(*args):
+        if failing["now"]:
+            raise RuntimeError("no output for you")
+        return real(*args)
+    monkeypatch.setattr(engine_module, "TextOutput", text_output)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 50, (13,)).tolist()                  # 3 whole blocks of 4, and 1
+    expected = tiny_llama.generate(torch.tensor([prompt]), 3, temperature=0)[0, 13:].tolist()
+    cache = engine.batch.cache
+    try:
+        seqs, results = _decode(engine, [prompt], 3, temperature=0)   # remembered: the prefix cache holds it
+        assert results[0][0] == "end" and seqs[0].tokens == expected
+        failing["now"] = True
+        _, results = _decode(engine, [prompt], 3, temperature=0)
+        assert results[0][0] == "error" and "no output for you" in results[0][1]
+        with engine.cond:
+            assert all(table == [] for table in cache.tables)
+            assert max(cache.refs) == 1 and sum(cache.refs) == cache.used
+        failing["now"] = False
+        seqs, results = _decode(engine, [prompt], 3, temperature=0)
+        assert results[0][0] == "end" and seqs[0].tokens == expected
+    finally:
+        engine.stop()

@@ -248,6 +248,10 @@ class Engine:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seed)
             seq.output = TextOutput(self.tokenizer, seq.params.stop, seq.on_event)
         except Exception as e:                        # noqa: BLE001 -- one request's failure
+            try:
+                self.batch.move(row, row)             # the row gives back what start() gave it
+            except Exception:                         # noqa: BLE001 -- the request fails either way
+                pass
             self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
             return False
         self.active.append(seq)
