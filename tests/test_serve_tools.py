@@ -254,8 +254,8 @@ def test_a_required_call_is_a_call_whatever_the_model_writes():
 
 
 def test_the_scores_are_the_models_own(smollm2):
-    """model_scorer's batched scores (the conversation read once, the three names
-    in one batch) against the log-softmax of each whole sequence, one at a time."""
+    """model_scorer's scores (the conversation read once, each name on top of its
+    keys and values) against the log-softmax of each whole sequence, one at a time."""
     model, tok = smollm2
     req = request("What time is it in Tokyo?", tools=TOOLS, tool_choice="required")
     base = prepared(tok, req).prompt_ids[:-len(tok.encode("<tool_call>\n"))]
@@ -279,11 +279,7 @@ def test_the_scores_are_the_models_own(smollm2):
 @pytest.fixture(scope="module")
 def server(smollm2):
     model, tok = smollm2
-    with serve(model, tok, max_context=1024) as s:
-        scorer = model_scorer(model)
-        # the server picks among several tools by the model's scores (prompt.prepare's scorer)
-        s.prepare = lambda req: prepare(req, s.tokenizer, s.chatml, s.default_system, s.max_tokens_cap,
-                                        s.default_max_tokens, s.max_context, scorer=scorer)
+    with serve(model, tok, max_context=1024) as s:   # "required" among several tools: the model's scores
         yield s
 
 
@@ -359,3 +355,30 @@ def test_oversized_requests_are_refused_at_once_and_hold_no_memory(server, clien
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": long}], max_tokens=2,
                                        temperature=0)
     assert 700 < r.usage.prompt_tokens < 1000 and r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_the_scorer_reads_the_prompt_once_whatever_the_number_of_tools():
+    """128 tools (OpenAI's limit) after a 60-token conversation: model_scorer reads
+    the conversation once and each name on top of it (60 + 128 x 2 tokens fed to
+    the model, not 128 x 63), and each score is the whole sequence's own
+    log-probability of the name, computed one sequence at a time."""
+    from gptcourse.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48,
+                              block_size=128)).eval()
+    prompt = torch.randint(0, 50, (60,)).tolist()
+    names = [torch.randint(0, 50, (3,)).tolist() for _ in range(128)]
+    fed, features = [], model.features
+
+    def counted(idx, caches=None, targets=None):
+        fed.append(idx.shape[1])
+        return features(idx, caches, targets)
+    model.features = counted
+    scores = model_scorer(model)([prompt] * 128, names)
+    assert sum(fed) == 60 + 128 * 2 and len(fed) == 1 + 128
+    model.features = features
+    with torch.no_grad():
+        for name, score in zip(names[:8], scores):
+            full = prompt + name
+            logp = torch.log_softmax(model(torch.tensor([full]))[0][0].double(), -1)
+            assert score == pytest.approx(sum(float(logp[59 + j, t]) for j, t in enumerate(name)), abs=1e-4)

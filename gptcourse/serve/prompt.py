@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import FrozenSet, List, Optional
 
-from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat, score_continuations
+import torch
+
+from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, encode_chatml, format_chat
 from ..sampling import end_of_turn_ids
 from .params import SamplingParams
 from .protocol import APIError, NamedToolChoice
@@ -192,13 +194,49 @@ def choose_tool(names, prompts, scorer):
     return names[best], scores
 
 
-def model_scorer(model, batch_size=8):
+def model_scorer(model):
     """A scorer for prepare and choose_tool: (prompts, continuations) -> the sum of
-    log P(continuation's tokens | prompt) under `model` (gptcourse.chat.score_continuations:
-    right-padded batches of batch_size rows, the shared prompt read once per batch).
-    The model may be the one an engine decodes with in another thread: scoring only reads it."""
+    log P(continuation's tokens | prompt) under `model` (a GPT or a Llama).
+
+    Equal prompts (choose_tool's all are: the conversation up to the tool's
+    name) are read once, into one KVCache per block; each continuation is read
+    on top of it, one after another, the caches cut back to the prompt after
+    each. So n tools cost one reading of the prompt and n short continuations,
+    in the memory of one sequence: not n prompts (128 tools, OpenAI's limit,
+    times a 2,048-token prompt would be minutes of arithmetic), nor n copies of
+    the prompt's keys and values. The model may be the one an engine decodes
+    with in another thread: scoring only reads it."""
+    from ..attention import KVCache
+
+    @torch.no_grad()
     def score(prompts, continuations):
-        return [float(s.sum()) for s in score_continuations(model, prompts, continuations, batch_size)]
+        if len(prompts) != len(continuations) or not all(prompts) or not all(continuations):
+            raise ValueError("need one non-empty continuation per non-empty prompt")
+        device = next(model.parameters()).device
+        features = getattr(model, "features", None)
+
+        def last_logits(ids, caches):                 # log P(next token) after each of ids: (len(ids), V)
+            if features is not None:
+                return torch.log_softmax(model.lm_head(features(ids, caches)[0]).float(), -1)
+            return torch.log_softmax(model(ids, caches=caches)[0][0].float(), -1)
+
+        out = [0.0] * len(prompts)
+        groups = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p), []).append(i)
+        for prompt, rows in groups.items():
+            caches = [KVCache() for _ in model.blocks]
+            ids = torch.tensor([prompt], device=device)
+            first = (torch.log_softmax(model.lm_head(features(ids, caches)[0, -1:]).float(), -1)
+                     if features is not None else last_logits(ids, caches)[-1:])            # (1, V)
+            for i in rows:
+                for cache in caches:
+                    cache.length = len(prompt)        # back to the prompt: the last continuation forgotten
+                cont = continuations[i]
+                rest = last_logits(torch.tensor([cont[:-1]], device=device), caches) if len(cont) > 1 else first[:0]
+                logp = torch.cat([first, rest])                                             # (len(cont), V)
+                out[i] = float(logp.gather(1, torch.tensor(cont, device=device)[:, None]).sum())
+        return out
     return score
 
 

@@ -27,7 +27,7 @@ from ..chat import ROLE_NAMES, SMOLLM2_SYSTEM, format_chat
 from .app import ClientLimits, _Guard, build_app
 from .engine import Engine
 from .params import positive_int
-from .prompt import prepare
+from .prompt import model_scorer, prepare
 from .protocol import error_body
 
 log = logging.getLogger("gptcourse.serve")
@@ -184,6 +184,8 @@ class ChatServer:
                  log_requests=False):
         check_bind(host, api_key)
         self.chatml = _check_model(model, tokenizer)
+        # "required" among several tools: the one whose name the model itself scores highest
+        self._scorer = model_scorer(model) if self.chatml else None
         model_name = model_name or ("smollm2-135m-instruct" if self.chatml else "gptcourse-char")
         if not isinstance(model_name, str) or "/" in model_name:
             raise ValueError(f"model_name must be a non-empty string without '/', got {model_name!r}")
@@ -272,7 +274,7 @@ class ChatServer:
     def prepare(self, req):
         """A checked request -> a PreparedRequest (gptcourse.serve.prompt), in a worker thread."""
         return prepare(req, self.tokenizer, self.chatml, self.default_system, self.max_tokens_cap,
-                       self.default_max_tokens, self.max_context)
+                       self.default_max_tokens, self.max_context, scorer=self._scorer)
 
     # ---- lifetime -----------------------------------------------------------
     @property
