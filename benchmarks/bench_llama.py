@@ -13,9 +13,9 @@ median of the repeats is reported:
 - prefill: tokens per second of one forward pass over a --prompt-token prompt;
 - peak resident memory.
 
-(gptcourse decodes a token's matrix-vector products with numpy's OpenBLAS, whose
-kernel streams a weight faster than oneMKL's torch.mv: gptcourse.llama.Linear.
-Each run gives OpenBLAS as many threads as torch.)
+(On one thread, gptcourse decodes a token's matrix-vector products with numpy's
+OpenBLAS, whose kernel streams a weight faster than oneMKL's torch.mv:
+gptcourse.llama.Linear. Each run gives OpenBLAS as many threads as torch.)
 
 And the bounds, measured on this host in a fresh process at each thread count:
 
@@ -67,9 +67,9 @@ def host_run(threads, prompt_len):
     del big
     a, b = torch.randn(prompt_len, 576), torch.randn(576, 1536)
     gflop_s = 2 * prompt_len * 576 * 1536 / best_time(lambda: a @ b, 5) / 1e9
-    # a decoding step's products, one weight of each of SmolLM2's shapes, 16 copies (53 MB, more
-    # than the caches): how fast each library's matrix-vector product streams them
-    weights = [torch.randn(rows, cols) for rows, cols in [(576, 576), (1536, 576), (576, 1536)] * 16]
+    # a decoding step's products, one weight of each of SmolLM2's shapes, 61 copies (512 MB, as
+    # the sum's; far more than the caches): how fast each library's matrix-vector product streams them
+    weights = [torch.randn(rows, cols) for rows, cols in [(576, 576), (1536, 576), (576, 1536)] * 61]
     xs = {cols: torch.randn(cols) for cols in (576, 1536)}
     nbytes = sum(w.nbytes for w in weights)
     mkl = nbytes / best_time(lambda: [torch.mv(w, xs[w.shape[1]]) for w in weights], 5) / 1e9

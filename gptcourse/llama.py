@@ -161,13 +161,16 @@ class Linear(nn.Linear):
     is the speed at which the product streams the weight from memory. On a
     CPU, PyTorch hands a product to oneMKL; numpy hands it to OpenBLAS, and
     on SmolLM2's shapes OpenBLAS's matrix-vector kernel (sgemv) reads about
-    30 GB/s on one core where oneMKL's reads 24 (under the book's pinned
+    27 GB/s on one core where oneMKL's reads 24 (under the book's pinned
     settings, scripts/pinned_cpu.py) or 16 (without them, on an AMD CPU), and
     a (1, C_in) @ (C_in, C_out) matrix product less again
-    (benchmarks/bench_llama.py measures all of them side by side). So a
-    float32 token on the CPU, with no gradient to track, goes through
-    numpy's `@` on the same memory (no copy either way); anything else
-    (a GPU, a batch, training) through F.linear. Only Llama.forward's
+    (benchmarks/bench_llama.py measures them side by side). So a float32
+    token on the CPU, with no gradient to track and torch on one thread (the
+    book's setting), goes through numpy's `@` on the same memory (no copy
+    either way); anything else (a GPU, a batch, training, several threads)
+    through F.linear. Not with several threads: OpenBLAS then starts threads
+    of its own, which fight torch's for the cores (2 threads each on a 2-core
+    CPU decoded 3.9 tokens/s instead of 24). Only Llama.forward's
     (B, T, C) input with B = T = 1 takes this path: the batching engine's
     (N, C) rows (gptcourse.batching) keep one kernel for every N, so a
     sequence gets the same bits alone and batched.
@@ -179,7 +182,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         w = self.weight
         if (x.dim() == 3 and x.shape[0] == x.shape[1] == 1 and x.device.type == w.device.type == "cpu"
-                and x.dtype == w.dtype == torch.float32
+                and x.dtype == w.dtype == torch.float32 and torch.get_num_threads() == 1
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             y = w.detach().numpy() @ x.detach().reshape(-1).numpy()                  # (C_out,)
             return torch.from_numpy(y).view(1, 1, -1)

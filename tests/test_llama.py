@@ -404,8 +404,8 @@ def test_gguf_module_holds_the_reader_and_llama_keeps_the_old_names():
 
 
 def test_linear_decodes_one_token_as_a_matrix_vector_product():
-    """llama.Linear: a (1, 1, C) float32 token on the CPU, no gradient -> numpy's
-    matrix-vector product (OpenBLAS), the same numbers as F.linear to rounding, and
+    """llama.Linear: a (1, 1, C) float32 token on the CPU, no gradient, one torch
+    thread -> numpy's matrix-vector product (OpenBLAS), the same numbers as F.linear to rounding, and
     those of numpy itself, bit for bit; every other shape, (B, T, C) or the batching
     engine's (N, C), is F.linear itself, bit for bit (so a sequence gets the same
     bits alone and batched); so is a token whose gradient is tracked."""
@@ -414,13 +414,28 @@ def test_linear_decodes_one_token_as_a_matrix_vector_product():
     layer = Linear(48, 80)
     assert layer.bias is None and layer.weight.shape == (80, 48)
     one = torch.randn(1, 1, 48)
-    with torch.no_grad():
-        y = layer(one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            y = layer(one)
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(y, F.linear(one, layer.weight), rtol=1e-5, atol=1e-5)
     assert y.shape == (1, 1, 80) and y.dtype == torch.float32
     assert torch.equal(y.reshape(-1), torch.from_numpy(layer.weight.detach().numpy() @ one.reshape(-1).numpy()))
-    with torch.inference_mode():
-        assert torch.equal(layer(one), y)
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(layer(one), y)
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(2)                                    # several threads: F.linear's own
+    try:
+        with torch.no_grad():
+            assert torch.equal(layer(one), F.linear(one, layer.weight))
+    finally:
+        torch.set_num_threads(threads)
     tracked = layer(one)                                        # grad enabled, weight requires grad
     assert torch.equal(tracked, F.linear(one, layer.weight)) and tracked.grad_fn is not None
     tracked.sum().backward()
