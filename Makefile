@@ -139,3 +139,9 @@ bench-serve: install
 bench-serve-class: install
 	$(BIN)/python benchmarks/bench_serve_class.py --save benchmarks/results
 	$(BIN)/python benchmarks/write_appendix.py
+
+# Issue 27's attacks replayed on a live server (a victim's key and an attacker's): prints a
+# verdict per attack, the HTTP statuses (any 5xx fails) and the memory; exit 1 if one got through.
+.PHONY: attack-serve
+attack-serve: install
+	$(BIN)/python benchmarks/attack_serve.py
