@@ -13,7 +13,10 @@ reveals:
     letters    12,000 random letters with no spaces: time to the refusal
     megabyte   10 distinct prompts of ~1 MB: time to each refusal, RSS before/after
     long       4 long (1,800-token) prompts from the attacker, then the victim's
-               short question: its time to the answer, against alone
+               short question, streamed: its first token, against alone
+    grind      8 threads of the attacker sending, for 20 s, prompts just under the
+               size bound that are slowest to tokenize and refused once counted;
+               the victim's first token meanwhile
     nested     tool_calls arguments nested 50,000 deep in the history
     required   tool_choice "required" with two tools; a named tool with max_tokens 3
 
@@ -151,6 +154,34 @@ def attack_long(url, victim_key, attacker_key, statuses):
         f"with a piece of the long prompts)")
 
 
+def attack_grind(url, victim_key, attacker_key, statuses):
+    """8 threads send, for 20 s, prompts just under the size bound that take the
+    longest to tokenize (160 KB of '#': every byte merged) and are refused once
+    counted: how many got tokenized, and the victim's first token meanwhile."""
+    question = [{"role": "user", "content": "What is the capital of Italy?"}]
+    victim = Client(url, victim_key, statuses)
+    alone = min(first_token(victim, question, 8)[0] for _ in range(2))
+    heavy = [{"role": "user", "content": "#" * 160_000}]
+    end, seen = time.perf_counter() + 20, {}
+
+    def grind():
+        client = Client(url, attacker_key, statuses)
+        while time.perf_counter() < end:
+            r, _ = client.chat(messages=heavy, max_tokens=1)
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            if r.status_code == 429:
+                time.sleep(0.5)
+    with ThreadPoolExecutor(8) as pool:
+        workers = [pool.submit(grind) for _ in range(8)]
+        time.sleep(3)
+        first, whole = first_token(victim, question, 8)
+        for w in workers:
+            w.result()
+    return first < 3 * alone + 2 and seen.get(400, 0) <= 8, (
+        f"attacker's answers in 20 s: {dict(sorted(seen.items()))} (400: tokenized, then refused; 429: its "
+        f"tokens per minute spent on reading); the victim's first token after {first:.1f} s (alone {alone:.1f} s)")
+
+
 def attack_nested(attacker):
     args = "[" * 50000 + "]" * 50000
     history = [{"role": "user", "content": "hi"},
@@ -193,6 +224,7 @@ def main(argv=None):
                           ("letters", lambda: attack_letters(attacker)),
                           ("megabyte", lambda: attack_megabyte(attacker)),
                           ("long", lambda: attack_long(url, victim_key, attacker_key, statuses)),
+                          ("grind", lambda: attack_grind(url, victim_key, attacker_key, statuses)),
                           ("nested", lambda: attack_nested(attacker)),
                           ("required", lambda: attack_tools(attacker))]:
             if args.only and name not in args.only:

@@ -352,7 +352,9 @@ def test_every_way_a_request_ends_gives_its_slot_back(one_each, how):
     used = s.limits.used(client)
     if how == "end-json":
         assert status == 200 and used == r.json()["usage"]["total_tokens"]       # the unused refunded
-    elif how in ("bad-request", "too-large", "queue-full", "error-json", "error-stream"):
+    elif how == "too-large":                  # read and tokenized, then refused: its reading stays charged
+        assert used == len(r.request.content) // 4
+    elif how in ("bad-request", "queue-full", "error-json", "error-stream"):
         assert used == 0 or how.startswith("error")
     assert httpx.post(url, json=body(max_tokens=1), timeout=30).status_code == 200
 
@@ -487,3 +489,30 @@ def test_keys_and_limits_are_checked_before_a_model_loads(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["--model", "char", flag, value])
         assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_request_refused_once_read_keeps_the_cost_of_reading(model, tok):
+    """Reading a request is charged before it is tokenized (its body's bytes // 4 tokens),
+    and a request refused once read keeps that charge, so a client cannot have big
+    prompts tokenized over and over for free: 4,000-character messages the model cannot
+    read (a character outside its vocabulary) get 400 twice at a budget of 2,500 tokens
+    a minute, then 429 before any tokenizing. A request that goes on pays its own tokens
+    instead of its reading."""
+    assert "\u00e9" not in tok.chars
+    raw = json.dumps(body(messages=[{"role": "user", "content": "\u00e9" + "a" * 3999}])).encode()
+    reading = len(raw) // 4
+    assert 1000 <= reading < 1250
+    with serve(model, tok, client_tokens_per_minute=2500) as s, httpx.Client(base_url=s.url, timeout=30) as http:
+        def post(content):
+            return http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+        client = "address 127.0.0.1"
+        for n in (1, 2):
+            r = post(raw)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_character"
+            assert s.limits.used(client) == n * reading
+        r = post(raw)
+        assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
+        assert s.limits.used(client) == 2 * reading                     # refused before reading: no charge
+        r = post(json.dumps(body(max_tokens=2)).encode())
+        assert r.status_code == 200
+        assert s.limits.used(client) == 2 * reading + r.json()["usage"]["total_tokens"]

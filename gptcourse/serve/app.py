@@ -147,9 +147,32 @@ class Slot:
     def __init__(self, limits, client):
         self.limits, self.client = limits, client
         self.entry, self.tokens, self.seq, self.closed = None, 0, None, False
+        self.reading = None
+
+    def charge_reading(self, nbytes):
+        """Before tokenizing (once a prompt has passed the checks that cost nothing,
+        its size bound among them): reading the request is charged as nbytes // 4
+        tokens (about what a tokenizer makes of text), or 429 before any work. A
+        request refused once read (a bad message, the real count too long) keeps
+        this charge: tokenizing
+        a prompt at the size bound costs up to 0.7 s of CPU (PretrainedBPE.min_tokens),
+        so a client cannot have it done over and over for free. A request that goes
+        on pays its tokens instead (charge)."""
+        self.reading = self.limits._charge(self.client, max(1, nbytes // 4))
 
     def charge(self, prompt_tokens, max_tokens):
-        self.entry = self.limits._charge(self.client, prompt_tokens + max_tokens)
+        reading, held = self.reading, 0
+        if reading is not None:                               # replaced by the request's own tokens
+            with self.limits.lock:
+                held, reading[1] = reading[1], 0
+        try:
+            self.entry = self.limits._charge(self.client, prompt_tokens + max_tokens)
+        except APIError:
+            if reading is not None:                           # refused: the reading stays charged
+                with self.limits.lock:
+                    reading[1] = held
+            raise
+        self.reading = None
         self.tokens, self.max_tokens = prompt_tokens + max_tokens, max_tokens
 
     def close(self):
@@ -323,7 +346,8 @@ async def _answer(server, request, slot):
         raise APIError(404, f"The model {req.model!r} does not exist; this server serves "
                             f"{server.model_name!r} (see GET /v1/models)", param="model",
                        code="model_not_found")
-    job = await run_in_threadpool(server.prepare, req)        # tokenizing takes a while
+    # tokenizing takes a while: charged to the client once the cheap checks have passed
+    job = await run_in_threadpool(server.prepare, req, lambda: slot.charge_reading(len(raw)))
     slot.charge(len(job.prompt_ids), job.max_tokens)
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue()

@@ -309,7 +309,7 @@ def check_fits(req, messages, tokenizer, max_context):
 
 
 def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_tokens, max_context,
-            scorer=None):
+            scorer=None, before_tokenizing=None):
     """A checked ChatCompletionRequest -> PreparedRequest, or APIError(400).
 
     chatml: the real model (its template, ended by its end-of-turn tokens,
@@ -323,6 +323,10 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
     one the model finds most likely (choose_tool), then the same. Without a
     scorer the answer starts with "<tool_call>\n" only, and the model may
     name no offered tool.
+
+    before_tokenizing(): called once the cheap checks have passed, just before
+    the messages are tokenized (the server charges the client for the work
+    there: gptcourse.serve.app.Slot.charge_reading); it may raise to refuse.
     """
     if scorer is not None and not callable(scorer):
         raise ValueError(f"scorer must be a function (prompts, continuations) -> scores, got {scorer!r:.80}")
@@ -331,12 +335,17 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
     if chatml:
         completion_budget(req, 0, max_tokens_cap, default_max_tokens)      # max_tokens within the cap, then
         check_fits(req, messages, tokenizer, max_context)                 # the length, before any tokenizing
+        if before_tokenizing is not None:
+            before_tokenizing()
         base = encode_chatml(messages, tokenizer, default_system=default_system)
 
         def prompt_for(prefill):
             return base + (tokenizer.encode(prefill, allow_special=False) if prefill else [])
         stop_ids, stops = end_of_turn_ids(tokenizer), ()                # <|im_end|>, <|endoftext|>, ...
     else:
+        if before_tokenizing is not None:
+            before_tokenizing()
+
         def prompt_for(prefill):
             return _transcript_ids(messages, tokenizer, prefill)
         stop_ids, stops = (), TURN_STOPS

@@ -271,10 +271,12 @@ class ChatServer:
     def model_card(self):
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptcourse"}
 
-    def prepare(self, req):
-        """A checked request -> a PreparedRequest (gptcourse.serve.prompt), in a worker thread."""
+    def prepare(self, req, before_tokenizing=None):
+        """A checked request -> a PreparedRequest (gptcourse.serve.prompt), in a worker thread.
+        before_tokenizing(): called just before the messages are tokenized (the client's charge)."""
         return prepare(req, self.tokenizer, self.chatml, self.default_system, self.max_tokens_cap,
-                       self.default_max_tokens, self.max_context, scorer=self._scorer)
+                       self.default_max_tokens, self.max_context, scorer=self._scorer,
+                       before_tokenizing=before_tokenizing)
 
     # ---- lifetime -----------------------------------------------------------
     @property
