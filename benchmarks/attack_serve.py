@@ -40,7 +40,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve_class import document, start_server  # noqa: E402
+from bench_serve import start_server  # noqa: E402
+from bench_serve_class import document  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -214,7 +215,7 @@ def main(argv=None):
     victim_key, attacker_key = "victim-" + os.urandom(8).hex(), "attacker-" + os.urandom(8).hex()
     with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
         f.write(f"{victim_key}\n{attacker_key}\n")
-    proc, url = start_server(f.name, args.threads)
+    proc, url = start_server(args.threads, "--api-key-file", f.name)
     statuses, verdicts = {}, []
     try:
         victim, attacker = Client(url, victim_key, statuses), Client(url, attacker_key, statuses)

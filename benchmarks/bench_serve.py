@@ -46,12 +46,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(max_batch, threads):
+def start_server(threads, *options):
+    """`python -m gptcourse.serve --threads threads *options` on a free port: (process, url)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gptcourse.serve", "--port", str(port),
-                             "--max-batch", str(max_batch), "--threads", str(threads)],
+                             "--threads", str(threads), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -119,7 +120,7 @@ def run(max_tokens=32, threads=1, levels=(1, 4, 16), out=OUT):
     """Both servers at every level; prints the table, returns rows for bench_all's summary."""
     rows = {}
     for mode, max_batch in (("batched", 16), ("one at a time", 1)):
-        proc, url = start_server(max_batch, threads)
+        proc, url = start_server(threads, "--max-batch", str(max_batch))
         try:
             asyncio.run(one_request(httpx.AsyncClient(timeout=600), url, PROMPTS[0], 4))     # warm-up
             for clients in levels:

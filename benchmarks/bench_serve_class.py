@@ -31,9 +31,7 @@ import os
 import platform
 import random
 import secrets
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serve import start_server  # noqa: E402
+
 MODEL = "smollm2-135m-instruct"
 KINDS = [("short", 10), ("stream", 8), ("long", 6), ("tools", 3), ("leave", 3)]
 QUESTIONS = ["What is a list in Python?", "Why is the sky blue?", "What is the capital of Italy?",
@@ -64,26 +64,6 @@ def document(seed, sentences=38):
                      f"{rng.choice(NOUNS)} was built in {rng.randint(1200, 2020)} and is "
                      f"{rng.randint(2, 900)} meters from the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}.")
     return " ".join(lines)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(keys_file, threads):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptcourse.serve", "--port", str(port), "--threads",
-                             str(threads), "--api-key-file", keys_file],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise RuntimeError(f"the server did not start: {line}{proc.stderr.read()}")
-    return proc, f"http://127.0.0.1:{port}"
 
 
 class Student:
@@ -234,7 +214,7 @@ def main():
     keys = [f"student-{i:02d}-{secrets.token_hex(8)}" for i in range(sum(n for _, n in KINDS))]
     with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
         f.write("\n".join(keys) + "\n")
-    proc, url = start_server(f.name, args.threads)
+    proc, url = start_server(args.threads, "--api-key-file", f.name)
     try:
         students, wall, before, peak, after = asyncio.run(class_load(url, keys, args.requests, args.seed))
     finally:
