@@ -13,27 +13,16 @@ import time
 import pytest
 import torch
 
-from gptcourse.attention import KVCache
 from gptcourse.batching import PrefixCache, RaggedKVCache, llama_step, window_step
 from gptcourse.gpt import GPT, GPTConfig
-from gptcourse.llama import Llama, LlamaConfig
 from gptcourse.sampling import StopMatcher
 from gptcourse.serve import Engine, LlamaBatch, Sequence
+from serve_helpers import cached_kv, tiny_llama_model
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48,
-                         block_size=128)
-    return Llama(config).eval()
-
-
-def _cached(model, tokens):
-    """Keys and values of tokens by the model's own forward pass: two lists of (H_kv, T, d)."""
-    caches = [KVCache() for _ in model.blocks]
-    model(torch.tensor([tokens]), caches=caches)
-    return [c.k[0] for c in caches], [c.v[0] for c in caches]
+    return tiny_llama_model()
 
 
 def test_ragged_step_equals_the_models_forward(tiny_llama):
@@ -46,14 +35,14 @@ def test_ragged_step_equals_the_models_forward(tiny_llama):
     cache = RaggedKVCache(2, 5, 2, 8, max_length=64)
     for row, (s, p) in enumerate(zip(seqs, past)):
         if p:
-            cache.put(row, *_cached(tiny_llama, s[:p]))
+            cache.put(row, *cached_kv(tiny_llama, s[:p]))
     chunks = [s[p:] for s, p in zip(seqs, past)]
     chunks[3] = []
     logits = llama_step(tiny_llama, chunks, cache)
     for row, s in enumerate(seqs[:3]):
         alone, _ = tiny_llama(torch.tensor([s]))
         torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
-        k, v = _cached(tiny_llama, s)
+        k, v = cached_kv(tiny_llama, s)
         for i in range(2):
             torch.testing.assert_close(cache.k[i][row, :, :len(s)], k[i], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.v[i][row, :, :len(s)], v[i], atol=1e-5, rtol=1e-5)

@@ -8,24 +8,14 @@ worked out by hand in each test.
 import pytest
 import torch
 
-from gptcourse.attention import KVCache
 from gptcourse.batching import BlockPrefixCache, PagedKVCache, RaggedKVCache, llama_step
 from gptcourse.llama import Llama, LlamaConfig
+from serve_helpers import cached_kv, tiny_llama_model
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48,
-                         block_size=128)
-    return Llama(config).eval()
-
-
-def _cached(model, tokens):
-    """Keys and values of tokens by the model's own forward pass: two lists of (H_kv, T, d)."""
-    caches = [KVCache() for _ in model.blocks]
-    model(torch.tensor([tokens]), caches=caches)
-    return [c.k[0] for c in caches], [c.v[0] for c in caches]
+    return tiny_llama_model()
 
 
 def _paged(rows=4, block_size=4, min_blocks=2, max_length=128):
@@ -62,7 +52,7 @@ def test_paged_steps_equal_the_models_forward_and_the_ragged_cache(tiny_llama):
     assert [len(t) for t in paged.tables] == [4, 4, 5, 2]          # ceil(length / 4)
     assert paged.used == 15 and len({b for t in paged.tables for b in t}) == 15
     for row, s in enumerate(seqs):
-        k, v = _cached(tiny_llama, s)
+        k, v = cached_kv(tiny_llama, s)
         got_k, got_v = paged.get(row)
         for i in range(2):
             torch.testing.assert_close(got_k[i], k[i], atol=1e-5, rtol=1e-5)

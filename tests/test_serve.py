@@ -27,6 +27,7 @@ from gptcourse.gpt import GPT, GPTConfig
 from gptcourse.serve import (TURN_STOPS, ContentBeforeCalls, check_bind, load_checkpoint, parse_request, parse_tool_calls,
                              save_checkpoint, serve)
 from gptcourse.tokenizers import CharTokenizer
+from serve_helpers import wait_until
 
 NAME = "gptcourse-char"
 TEXT = "System: User: Assistant:\n" + string.ascii_letters + string.digits + string.punctuation + " "
@@ -97,15 +98,6 @@ def slow_steps(server, seconds):
         return step(ids)
     batch.step = slowed
     return lambda: setattr(batch, "step", step)
-
-
-def wait_until(condition, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ----------------------------------------------------------------------------

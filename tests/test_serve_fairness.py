@@ -29,6 +29,7 @@ from gptcourse.serve.app import ClientLimits
 from gptcourse.serve.engine import EngineBusy, share_budget
 from gptcourse.serve.protocol import APIError
 from gptcourse.tokenizers import CharTokenizer
+from serve_helpers import wait_until
 
 NAME = "gptcourse-char"
 TEXT = "System: User: Assistant:\n" + string.ascii_letters + string.digits + string.punctuation + " "
@@ -49,15 +50,6 @@ def model(tok):
 
 def body(messages=HI, **fields):
     return {"model": NAME, "messages": messages, "max_tokens": 5, **fields}
-
-
-def wait_until(condition, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def slow_steps(server, seconds):
