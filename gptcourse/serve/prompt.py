@@ -215,10 +215,12 @@ def model_scorer(model):
         device = next(model.parameters()).device
         features = getattr(model, "features", None)
 
-        def last_logits(ids, caches):                 # log P(next token) after each of ids: (len(ids), V)
-            if features is not None:
-                return torch.log_softmax(model.lm_head(features(ids, caches)[0]).float(), -1)
-            return torch.log_softmax(model(ids, caches=caches)[0][0].float(), -1)
+        def next_logp(ids, caches, last_only=False):  # log P(next token) after each of ids: (len(ids) or 1, V)
+            if features is None:
+                logits = model(ids, caches=caches)[0][0]
+                return torch.log_softmax(logits[-1:].float() if last_only else logits.float(), -1)
+            h = features(ids, caches)[0]              # the output layer only where it is needed
+            return torch.log_softmax(model.lm_head(h[-1:] if last_only else h).float(), -1)
 
         out = [0.0] * len(prompts)
         groups = {}
@@ -226,14 +228,12 @@ def model_scorer(model):
             groups.setdefault(tuple(p), []).append(i)
         for prompt, rows in groups.items():
             caches = [KVCache() for _ in model.blocks]
-            ids = torch.tensor([prompt], device=device)
-            first = (torch.log_softmax(model.lm_head(features(ids, caches)[0, -1:]).float(), -1)
-                     if features is not None else last_logits(ids, caches)[-1:])            # (1, V)
+            first = next_logp(torch.tensor([prompt], device=device), caches, last_only=True)   # (1, V)
             for i in rows:
                 for cache in caches:
                     cache.length = len(prompt)        # back to the prompt: the last continuation forgotten
                 cont = continuations[i]
-                rest = last_logits(torch.tensor([cont[:-1]], device=device), caches) if len(cont) > 1 else first[:0]
+                rest = next_logp(torch.tensor([cont[:-1]], device=device), caches) if len(cont) > 1 else first[:0]
                 logp = torch.cat([first, rest])                                             # (len(cont), V)
                 out[i] = float(logp.gather(1, torch.tensor(cont, device=device)[:, None]).sum())
         return out
