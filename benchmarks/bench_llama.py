@@ -9,13 +9,16 @@ memory is that run's own), the two implementations alternating, and the
 median of the repeats is reported:
 
 - load: seconds from nothing to a model ready to run;
-- decode: greedy tokens per second with a KV cache, the prompt excluded;
+- decode: greedy tokens per second with a KV cache, from the first new token
+  to the last (reading the prompt is the prefill's measurement, not this one's);
 - prefill: tokens per second of one forward pass over a --prompt-token prompt;
 - peak resident memory.
 
-(On one thread, gptcourse decodes a token's matrix-vector products with numpy's
-OpenBLAS, whose kernel streams a weight faster than oneMKL's torch.mv:
-gptcourse.llama.Linear. Each run gives OpenBLAS as many threads as torch.)
+(On one thread, gptcourse decodes a token with gptcourse.cpu_decode: the step
+written against numpy, whose small operations cost less than PyTorch's and
+whose OpenBLAS streams a weight faster than oneMKL's torch.mv. Its weights lie
+in 2 MiB pages where Linux allows (gptcourse.gguf.weight_buffer). Each run
+gives OpenBLAS as many threads as torch.)
 
 And the bounds, measured on this host in a fresh process at each thread count:
 
@@ -75,7 +78,16 @@ def host_run(threads, prompt_len):
     mkl = nbytes / best_time(lambda: [torch.mv(w, xs[w.shape[1]]) for w in weights], 5) / 1e9
     pairs = [(w.numpy(), xs[w.shape[1]].numpy()) for w in weights]
     openblas = nbytes / best_time(lambda: [w @ x for w, x in pairs], 5) / 1e9
-    return {"read_gb_s": read_gb_s, "gflop_s": gflop_s, "mv_mkl_gb_s": mkl, "mv_openblas_gb_s": openblas}
+    # the same weights in one buffer of 2 MiB pages, as load_gguf keeps a model's
+    from gptcourse.gguf import weight_buffer
+    packed, start = weight_buffer(sum(w.numel() for w in weights)), 0
+    for i, w in enumerate(weights):
+        weights[i] = packed[start:start + w.numel()].view(w.shape).copy_(w)
+        start += w.numel()
+    pairs = [(w.numpy(), xs[w.shape[1]].numpy()) for w in weights]
+    huge = nbytes / best_time(lambda: [w @ x for w, x in pairs], 5) / 1e9
+    return {"read_gb_s": read_gb_s, "gflop_s": gflop_s, "mv_mkl_gb_s": mkl, "mv_openblas_gb_s": openblas,
+            "mv_openblas_huge_gb_s": huge}
 
 
 def model_costs(model, prompt_len):
@@ -88,6 +100,21 @@ def model_costs(model, prompt_len):
         + model.lm_head.weight.nbytes                                  # norms too; the embedding row is 2 KB
     attention = 4 * c.n_layer * (prompt_len / 2) * c.n_head * c.head_size      # q.k and p.v over the mean context
     return read_bytes, 2 * weights + attention
+
+
+class TokenClock:
+    """When each new token came out: gptcourse's stream() yields them; transformers'
+    generate() hands them to a streamer's put() (after the prompt) and calls end()."""
+
+    def __init__(self):
+        self.times, self.ids = [], []
+
+    def put(self, ids):
+        self.times.append(time.perf_counter())
+        self.ids += ids.reshape(-1).tolist()
+
+    def end(self):
+        pass
 
 
 def one_run(impl, threads, n_tokens, prompt_len):
@@ -114,17 +141,21 @@ def one_run(impl, threads, n_tokens, prompt_len):
     long = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         prefill_s = best_time(lambda: model(long), 3)
-        start = time.perf_counter()
+        clock = TokenClock()
         if impl == "gptcourse":
-            out = model.generate(idx, n_tokens, temperature=0)
+            for ids in model.stream(idx, n_tokens, temperature=0):
+                clock.put(ids)
+            new = clock.ids
         else:
             out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n_tokens,
-                                 min_new_tokens=n_tokens, do_sample=False)
-        gen_s = time.perf_counter() - start
+                                 min_new_tokens=n_tokens, do_sample=False, streamer=clock)
+            new = out[0, idx.shape[1]:].tolist()
+            clock.times = clock.times[1:]           # its streamer is given the prompt first
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"load_s": load_s, "tok_per_s": (out.shape[1] - idx.shape[1]) / gen_s,
-              "prefill_tok_per_s": prompt_len / prefill_s, "peak_mb": peak_mb,
-              "tokens": out[0, idx.shape[1]:].tolist()}
+    if len(clock.times) != n_tokens:
+        raise RuntimeError(f"{impl}: {len(clock.times)} token times for {n_tokens} tokens")
+    result = {"load_s": load_s, "tok_per_s": (n_tokens - 1) / (clock.times[-1] - clock.times[0]),
+              "prefill_tok_per_s": prompt_len / prefill_s, "peak_mb": peak_mb, "tokens": new}
     if impl == "gptcourse":
         result["read_bytes"], result["flops_per_token"] = model_costs(model, prompt_len)
     return result
@@ -201,6 +232,7 @@ def main():
               f"matrix product {host(threads, 'gflop_s'):.1f} GFLOP/s, {flops / 1e6:.0f} MFLOP per token "
               f"-> prefill bound {prefill_bound:.0f} tokens/s; a matrix-vector product reads "
               f"{host(threads, 'mv_openblas_gb_s'):.1f} GB/s with OpenBLAS (numpy), "
+              f"{host(threads, 'mv_openblas_huge_gb_s'):.1f} with OpenBLAS in 2 MiB pages, "
               f"{host(threads, 'mv_mkl_gb_s'):.1f} with oneMKL (torch.mv)")
         print(f"{'':10} {'load s':>7} {'decode tok/s':>13} {'% bound':>8} {'prefill tok/s':>14} {'% bound':>8} "
               f"{'peak MB':>8}")
@@ -235,7 +267,9 @@ def main():
                      f"the book's pinned CPU settings (those the chapters are recorded with); the other rows the "
                      f"libraries' defaults, as in a Colab runtime. A decoding step's products stream "
                      + "; ".join(f"{short_label(t)}: {host(t, 'mv_openblas_gb_s'):.1f} GB/s with OpenBLAS (numpy's, "
-                                 f"which gptcourse.llama.Linear uses), {host(t, 'mv_mkl_gb_s'):.1f} with oneMKL "
+                                 f"which gptcourse.cpu_decode uses at one thread), "
+                                 f"{host(t, 'mv_openblas_huge_gb_s'):.1f} with OpenBLAS in 2 MiB pages (as "
+                                 f"load_gguf keeps the weights), {host(t, 'mv_mkl_gb_s'):.1f} with oneMKL "
                                  f"(torch.mv), against {host(t, 'read_gb_s'):.1f} for a plain sum" for t in runs)
                      + "."],
             "tables": [{"columns": ["threads", "", "load", "decode tokens/s", "of the bound",

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_decode
 from .attention import causal_mask, scaled_dot_product_attention
 from .gpt import GPT, check_forward_inputs, check_sizes
 from .sampling import decode, model_step
@@ -295,7 +296,13 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets=None, caches=None):
         """idx: (B, T) token ids; targets: (B, T) or None (-100 = ignored);
-        caches: one KVCache per block. Returns (logits (B, T, V) float32, loss)."""
+        caches: one KVCache per block. Returns (logits (B, T, V) float32, loss).
+        One float32 token on one CPU core with a cache and no gradient takes the
+        same step written against numpy (gptcourse.cpu_decode: the same numbers to
+        float32 rounding, faster, since a decoding step is hundreds of small operations)."""
+        if targets is None and cpu_decode.usable(self, idx, caches):
+            check_forward_inputs(idx, targets, caches, self.config.block_size)
+            return cpu_decode.token_logits(self, int(idx[0, 0]), caches).view(1, 1, -1), None
         logits = self.lm_head(self.features(idx, caches, targets)).float()             # (B, T, V)
         loss = None
         if targets is not None:
