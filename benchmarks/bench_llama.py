@@ -14,7 +14,7 @@ median of the repeats is reported:
 - prefill: tokens per second of one forward pass over a --prompt-token prompt;
 - peak resident memory.
 
-(On one thread, gptcourse decodes a token with gptcourse.cpu_decode: the step
+(On the CPU, gptcourse decodes a token with gptcourse.cpu_decode: the step
 written against numpy, whose small operations cost less than PyTorch's and
 whose OpenBLAS streams a weight faster than oneMKL's torch.mv. Its weights lie
 in 2 MiB pages where Linux allows (gptcourse.gguf.weight_buffer). Each run
@@ -267,7 +267,7 @@ def main():
                      f"the book's pinned CPU settings (those the chapters are recorded with); the other rows the "
                      f"libraries' defaults, as in a Colab runtime. A decoding step's products stream "
                      + "; ".join(f"{short_label(t)}: {host(t, 'mv_openblas_gb_s'):.1f} GB/s with OpenBLAS (numpy's, "
-                                 f"which gptcourse.cpu_decode uses at one thread), "
+                                 f"which gptcourse.cpu_decode uses), "
                                  f"{host(t, 'mv_openblas_huge_gb_s'):.1f} with OpenBLAS in 2 MiB pages (as "
                                  f"load_gguf keeps the weights), {host(t, 'mv_mkl_gb_s'):.1f} with oneMKL "
                                  f"(torch.mv), against {host(t, 'read_gb_s'):.1f} for a plain sum" for t in runs)

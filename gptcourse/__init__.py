@@ -17,7 +17,7 @@ The models and ideas, one flat module each, in the order of the book:
   Part IV. Using GPT (chapters 14-18)
     llama        the Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)
     gguf         reading a real model (SmolLM2) from its GGUF file into `llama`
-    cpu_decode   one token of `llama` on one CPU core, written against numpy: memory speed
+    cpu_decode   one token of `llama` on the CPU, written against numpy: memory speed
     chat         chat transcripts (the course's format and ChatML), reply, the course model
     batching     continuous batching: the ragged KV cache and step, the prefix cache (chapter 17)
     tools        tool calling: the tool loop, for a small GPT and for a chat model

@@ -1,4 +1,4 @@
-"""One decoding step of a Llama, one token, on one CPU core, at the speed of memory.
+"""One decoding step of a Llama, one token, on the CPU, at the speed of memory.
 
 A decoding step reads every weight once to produce one token: SmolLM2-135M's
 538 MB of float32 weights, for two arithmetic operations per weight. Its
@@ -18,10 +18,11 @@ float32 rounding (tests/test_cpu_decode.py compares the two, and the tokens
 of greedy decoding), reads the weights where the model keeps them (no copy),
 and appends the token's keys and values to the same KVCaches. Llama.forward
 takes this path by itself when `usable(model, idx, caches)`: one float32
-token on the CPU, a KV cache, no gradient, torch on one thread (the book's
-setting; with more, OpenBLAS's threads and torch's would share the cores),
-and the model as built (every module of its own class: no LoRA, no hooks).
-Anything else (a GPU, a batch, a prompt, training) runs PyTorch's forward.
+token on the CPU, a KV cache, no gradient, and the model as built (every
+module of its own class: no LoRA, no hooks). Anything else (a GPU, a batch,
+a prompt, training) runs PyTorch's forward. With several threads, OpenBLAS
+uses its own (OPENBLAS_NUM_THREADS, by default one per core) while torch's
+wait: the step calls no parallel torch operation.
 """
 import numpy as np
 import torch
@@ -30,8 +31,7 @@ def usable(model, idx, caches):
     """Whether model(idx, caches=caches) can take the numpy step (see the module's docstring)."""
     weight = model.wte.weight
     return (caches is not None and tuple(idx.shape) == (1, 1) and idx.device.type == "cpu"
-            and not torch.is_grad_enabled() and torch.get_num_threads() == 1
-            and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and not torch.is_grad_enabled() and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and len(caches) == len(model.blocks) and all(len(c) == len(caches[0]) for c in caches)
             and _weights(model) is not None)
 

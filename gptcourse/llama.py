@@ -171,7 +171,10 @@ class Linear(nn.Linear):
     either way); anything else (a GPU, a batch, training, several threads)
     through F.linear. Not with several threads: OpenBLAS then starts threads
     of its own, which fight torch's for the cores (2 threads each on a 2-core
-    CPU decoded 3.9 tokens/s instead of 24). Only Llama.forward's
+    CPU decoded 3.9 tokens/s instead of 24; gptcourse.cpu_decode's whole
+    step, which a cached token of a model as built takes instead, calls no
+    torch operation between the products, and decoded 69 tokens/s with 2
+    threads each on that CPU). Only Llama.forward's
     (B, T, C) input with B = T = 1 takes this path: the batching engine's
     (N, C) rows (gptcourse.batching) keep one kernel for every N, so a
     sequence gets the same bits alone and batched.
@@ -297,7 +300,7 @@ class Llama(nn.Module):
     def forward(self, idx, targets=None, caches=None):
         """idx: (B, T) token ids; targets: (B, T) or None (-100 = ignored);
         caches: one KVCache per block. Returns (logits (B, T, V) float32, loss).
-        One float32 token on one CPU core with a cache and no gradient takes the
+        One float32 token on the CPU with a cache and no gradient takes the
         same step written against numpy (gptcourse.cpu_decode: the same numbers to
         float32 rounding, faster, since a decoding step is hundreds of small operations)."""
         if targets is None and cpu_decode.usable(self, idx, caches):

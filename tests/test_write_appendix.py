@@ -105,7 +105,7 @@ def test_each_bench_target_saves_its_table(tmp_path, monkeypatch):
     assert "| 03_scaled_dot_product_attention | 1.00 | 0.50 | 2.00 |" in page and "| total | " in page
     # decode bound 20 GB/s / 500 MB = 40 tokens/s; prefill bound 100 GFLOP/s / 250 MFLOP = 400 tokens/s
     assert "| 2 | transformers | 4.0 s | 15.0 | 38% of 40 | 200 | 50% of 400 | 1000 MB |" in page
-    assert "2 thread(s): 15.0 GB/s with OpenBLAS (numpy's, which gptcourse.cpu_decode uses at one thread), 16.0 with OpenBLAS in 2 MiB pages " \
+    assert "2 thread(s): 15.0 GB/s with OpenBLAS (numpy's, which gptcourse.cpu_decode uses), 16.0 with OpenBLAS in 2 MiB pages " \
         "(as load_gguf keeps the weights), 12.0 with oneMKL" in page
     assert "| 1 | gptcourse / transformers |  | 1.00x |  | 1.00x |  |  |" in page and "the same 64 tokens: yes" in page
     assert "| 03 | 11.0 s | 10.0 s | 0.91 | match |" in page and "`make bench-pinning`" in page
