@@ -14,7 +14,7 @@ The models and ideas, one flat module each, in the order of the book:
     gpt          GPTConfig (GPT-2 / GPT-3 presets), count_params, GPT with a KV cache
     bert         the encoder-only sibling, for chapter 9's comparison
     sampling     greedy, temperature, top-k, top-p, beam search: the one decoding loop
-  Part IV. Using GPT (chapters 14-18)
+  Part IV. Using GPT (chapters 14-19)
     llama        the Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention)
     gguf         reading a real model (SmolLM2) from its GGUF file into `llama`
     cpu_decode   one token of `llama` on the CPU, written against numpy: memory speed

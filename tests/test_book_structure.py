@@ -20,7 +20,8 @@ PLAN = {
     "Part III.": ["09_gpt_and_bert", "10_tokens_and_embeddings", "11_gpt_from_scratch",
                   "12_gpt3_on_a_napkin", "13_decoding_and_kv_cache"],
     # the real chat model opens Part IV (SYLLABUS: "Beyond the lecture"), before the ChatGPT chapters
-    "Part IV.": ["14_a_real_chat_model", "15_from_gpt_to_chatgpt", "16_talking_to_chatgpt", "17_chatgpt_api", "18_plugins_and_tools"],
+    "Part IV.": ["14_a_real_chat_model", "15_from_gpt_to_chatgpt", "16_talking_to_chatgpt", "17_chatgpt_api", "18_plugins_and_tools",
+                  "19_tool_calls_with_a_real_model"],
 }
 
 

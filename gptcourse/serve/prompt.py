@@ -44,7 +44,7 @@ class PreparedRequest:
     one "required" chose), else None;
     include_usage: a last streamed chunk with the usage.
 
-    Chapter 18 reads it as the dict it used to be: job["prefill"] is job.prefill.
+    Chapter 19 reads it as the dict it used to be: job["prefill"] is job.prefill.
     """
     prompt_ids: List[int]
     max_tokens: int
