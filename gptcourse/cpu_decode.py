@@ -27,20 +27,29 @@ wait: the step calls no parallel torch operation.
 import numpy as np
 import torch
 
+from .attention import KVCache
+
+
 def usable(model, idx, caches):
     """Whether model(idx, caches=caches) can take the numpy step (see the module's docstring)."""
     weight = model.wte.weight
     return (caches is not None and tuple(idx.shape) == (1, 1) and idx.device.type == "cpu"
             and not torch.is_grad_enabled() and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and len(caches) == len(model.blocks) and all(len(c) == len(caches[0]) for c in caches)
-            and _weights(model) is not None)
+            and len(caches) == len(model.blocks) and _one_sequence(caches) and _weights(model) is not None)
+
+
+def _one_sequence(caches):
+    """KVCaches (the class itself) of one sequence, all of the same length."""
+    return all(type(c) is KVCache and len(c) == len(caches[0]) and (c._k is None or c._k.shape[0] == 1)
+               for c in caches)
 
 
 def _weights(model):
-    """The model's weights as numpy arrays (views, no copy): per block rms_1, w_q, w_k, w_v, w_o, rms_2, gate, up, down,
-    then the final norm's and the output layer's. None if a module is not of the class
-    Llama built it with (a LoRA wrapper, a replaced layer) or has a hook. Kept on the
-    model, and rebuilt when a parameter is replaced or moved."""
+    """The model's weights as numpy arrays (views, no copy): per block those of rms_1,
+    w_q, w_k, w_v, w_o, rms_2, gate, up and down; then rms_f's, lm_head's and wte's.
+    None if a module is not of the class Llama built it with (a LoRA wrapper, a
+    replaced layer) or has a hook. Kept on the model, and made again when a
+    parameter's tensor is replaced or moved."""
     from .llama import Block, GroupedQueryAttention, Linear, Llama, RMSNorm, SwiGLU
     kinds = {"attn": GroupedQueryAttention, "mlp": SwiGLU, "rms_1": RMSNorm, "rms_2": RMSNorm,
              "w_q": Linear, "w_k": Linear, "w_v": Linear, "w_o": Linear, "gate": Linear, "up": Linear,

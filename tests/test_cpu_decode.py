@@ -74,7 +74,7 @@ def test_forward_takes_it_only_where_it_computes_the_same(tiny, monkeypatch):
         with torch.no_grad(), torch_path(tiny):
             slow = tiny.generate(prompt, 20, temperature=0)
         assert len(calls) == 19 and torch.equal(fast, slow)
-        for off in ["grad", "bfloat16", "lora", "hook", "batch"]:
+        for off in ["grad", "bfloat16", "lora", "hook", "batch", "two-row cache"]:
             model = tiny_llama_model()
             if off == "bfloat16":
                 model = model.to(torch.bfloat16)
@@ -86,11 +86,15 @@ def test_forward_takes_it_only_where_it_computes_the_same(tiny, monkeypatch):
             with ctx, threads(1):
                 caches = fill(model, [1, 2, 3] * (2 if off == "batch" else 1))
                 idx = torch.tensor([[7], [8]] if off == "batch" else [[7]])
-                if off == "batch":
+                if off in ("batch", "two-row cache"):
                     caches = [KVCache() for _ in model.blocks]
                     model(torch.tensor([[1, 2, 3], [4, 5, 6]]), caches=caches)
                 assert not cpu_decode.usable(model, idx, caches), off
-                model(idx, caches=caches)
+                if off == "two-row cache":                  # PyTorch's forward refuses it too
+                    with pytest.raises(ValueError, match="do not match the cache"):
+                        model(idx, caches=caches)
+                else:
+                    model(idx, caches=caches)
             assert len(calls) == 19, off
         with torch.no_grad(), threads(2):                    # torch's threads wait; OpenBLAS has its own
             assert torch.equal(tiny.generate(prompt, 20, temperature=0), slow) and len(calls) == 38
