@@ -1,5 +1,6 @@
 """How long each chapter takes to execute, against the goals of 60 s a chapter
-and 12 minutes for all of them (2-core host, pinned settings, one thread).
+and 12 minutes for all of them (2-core host, pinned settings: one thread, or
+the two that a chapter which only runs a model sets, chapters 16 and 19).
 
     python benchmarks/chapter_times.py [--baseline REV] [--run] [--save DIR]
 
@@ -120,7 +121,8 @@ def main():
             "command": "`make bench-chapters`" + (f" (`--baseline {args.baseline}`)" if args.baseline else ""),
             "source": "`benchmarks/chapter_times.py --save`, this run's table",
             "text": ["A chapter's recorded time is the sum of its code cells' execution times as `make outputs` "
-                     "stored them (pinned settings, one thread); 'executed now' runs each chapter again, one "
+                     "stored them (pinned settings: one thread, or two in the chapters that only run a model, "
+                     "16 and 19, whose outputs are the same bits either way); 'executed now' runs each chapter again, one "
                      "at a time, in a fresh kernel. Goals: under 60 s a chapter, under 12 minutes in all."],
             "tables": [{"columns": columns, "rows": rows}],
             "notes": ["Recordings made on: " + "; ".join(sorted(hosts)) + "."]}, args.save)
