@@ -55,7 +55,7 @@ def render(page):
 def test_every_planned_page_is_built(html_dir):
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
-    assert len(files) == 18 + 10 + 1     # 18 chapters, 10 exercise notebooks, 1 appendix
+    assert len(files) == 19 + 10 + 1     # 19 chapters, 10 exercise notebooks, 1 appendix
     for f in files:
         assert (html_dir / f"{f}.html").is_file(), f"{f} missing from the built book"
 
