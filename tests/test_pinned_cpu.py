@@ -160,7 +160,7 @@ def test_the_real_model_gives_the_same_bits_on_one_and_two_threads():
         from gptcourse.tools import greedy_batch
         model, tok = load_gguf()
         chats = [[{"role": "user", "content": f"Question {i}: what is the capital of " + "the country " * (i % 7)}]
-                 for i in range(40)]
+                 for i in range(24)]
         seqs = [encode_chatml(c, tok, default_system="You are a helpful assistant.") for c in chats]
         digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
         x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0))
@@ -170,12 +170,14 @@ def test_the_real_model_gives_the_same_bits_on_one_and_two_threads():
             with torch.no_grad():
                 out[n] = {"threads": torch.get_num_threads(), "one sum": x.sum().item(),
                           "logprobs": digest(next_token_logprobs(model, seqs)),
-                          "greedy": greedy_batch(model, seqs[:24], 12, stop_ids=[tok.special["<|im_end|>"]]),
+                          "greedy": greedy_batch(model, seqs[:12], 8, stop_ids=[tok.special["<|im_end|>"]]),
                           "forward": digest(model(torch.tensor([seqs[0] * 3]))[0])}
         print(json.dumps(out))
     """)
-    r = subprocess.run([sys.executable, "-c", code], env=pinned_cpu.env(), capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+    # passive waiting: make test runs chapters beside this test, and two spinning threads
+    # on a shared core take several times as long (scripts/colab_sim.py, kernel_env)
+    r = subprocess.run([sys.executable, "-c", code], env={**pinned_cpu.env(), "OMP_WAIT_POLICY": "PASSIVE"},
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["1"]["threads"] == 1 and out["2"]["threads"] == 2
