@@ -24,6 +24,8 @@ a prompt, training) runs PyTorch's forward. With several threads, OpenBLAS
 uses its own (OPENBLAS_NUM_THREADS, by default one per core) while torch's
 wait: the step calls no parallel torch operation.
 """
+import weakref
+
 import numpy as np
 import torch
 
@@ -48,8 +50,8 @@ def _weights(model):
     """The model's weights as numpy arrays (views, no copy): per block those of rms_1,
     w_q, w_k, w_v, w_o, rms_2, gate, up and down; then rms_f's, lm_head's and wte's.
     None if a module is not of the class Llama built it with (a LoRA wrapper, a
-    replaced layer) or has a hook. Kept on the model, and made again when a
-    parameter's tensor is replaced or moved."""
+    replaced layer) or has a hook. Kept beside the model (_VIEWS), and made again
+    when a parameter's tensor is replaced or moved."""
     from .llama import Block, GroupedQueryAttention, Linear, Llama, RMSNorm, SwiGLU
     kinds = {"attn": GroupedQueryAttention, "mlp": SwiGLU, "rms_1": RMSNorm, "rms_2": RMSNorm,
              "w_q": Linear, "w_k": Linear, "w_v": Linear, "w_o": Linear, "gate": Linear, "up": Linear,
@@ -73,12 +75,17 @@ def _weights(model):
                           "mlp.gate", "mlp.up", "mlp.down")] + ["rms_f.", "lm_head.", "wte."]
     tensors = [params[key] for key in order]
     key = [t.data_ptr() for t in tensors]
-    cached = model.__dict__.get("_numpy_weights")
+    cached = _VIEWS.get(model)
     if cached is None or cached[0] != key:
         arrays = [t.detach().numpy() for t in tensors]
         cached = (key, [arrays[i:i + 9] for i in range(0, len(arrays) - 3, 9)], arrays[-3:])
-        model.__dict__["_numpy_weights"] = cached
+        _VIEWS[model] = cached
     return cached[1:]
+
+
+# model -> (the weights' addresses, the numpy views): beside the model, not in it, so that
+# copying or pickling a model never copies the views (each a second reference to 538 MB)
+_VIEWS = weakref.WeakKeyDictionary()
 
 
 def token_logits(model, token_id, caches):

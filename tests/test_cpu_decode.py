@@ -174,3 +174,21 @@ def test_smollm2_weights_share_one_buffer_and_decode_as_pytorch_does():
             assert (fast - slow).abs().max() <= 1e-4 * slow.abs().max()
             assert int(fast.argmax()) == int(slow.argmax())
             token = int(fast.argmax())
+
+
+def test_a_copied_or_pickled_model_carries_no_numpy_views(tiny):
+    """The views are kept beside the model: a deep copy decodes with its own weights,
+    and a pickled model is the size of its parameters."""
+    import copy
+    import io
+    with threads(1), torch.no_grad():
+        tiny(torch.tensor([[4]]), caches=fill(tiny, [1, 2, 3]))             # views made
+        twin = copy.deepcopy(tiny)
+        twin.lm_head.weight.data.mul_(3)                                    # the copy's own (tied) weights
+        ours = cpu_decode.token_logits(tiny, 4, fill(tiny, [1, 2, 3]))
+        theirs = cpu_decode.token_logits(twin, 4, fill(twin, [1, 2, 3]))
+    assert not torch.allclose(ours, theirs)
+    buffer = io.BytesIO()
+    torch.save(tiny, buffer)
+    assert buffer.tell() < 2 * sum(p.numel() * 4 for p in tiny.parameters()) + 50_000
+    assert not any(k.startswith("_numpy") for k in vars(tiny))
