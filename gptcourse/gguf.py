@@ -134,6 +134,9 @@ def weight_buffer(numel, dtype=torch.float32):
     times fewer (benchmarks/bench_llama.py measures the products' read rate
     both ways). Where huge pages are not available: the same tensor in
     ordinary memory.
+
+    The weights are then views of one storage, and torch.save writes a view's
+    whole storage: to save a few of them alone, save their .clone().
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     huge = 2 << 20
