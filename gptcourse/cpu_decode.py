@@ -11,13 +11,14 @@ llama.cpp does in C: each small operation costs a microsecond or two, and
 the products go to OpenBLAS's sgemv, which streams a weight faster than
 oneMKL's on SmolLM2's shapes (benchmarks/bench_llama.py measures both).
 
-    logits = token_logits(model, token_id, caches)       # (V,) float32 tensor
+    weights = usable_weights(model, idx, caches)         # None: PyTorch's forward instead
+    logits = token_logits(model, token_id, caches, weights)     # (V,) float32 tensor
 
 It computes what `Llama.forward(idx (1, 1), caches=caches)` computes, to
 float32 rounding (tests/test_cpu_decode.py compares the two, and the tokens
 of greedy decoding), reads the weights where the model keeps them (no copy),
 and appends the token's keys and values to the same KVCaches. Llama.forward
-takes this path by itself when `usable(model, idx, caches)`: one float32
+takes this path by itself when usable_weights finds it can: one float32
 token on the CPU, a KV cache, no gradient, and the model as built (every
 module of its own class: no LoRA, no hooks). Anything else (a GPU, a batch,
 a prompt, training) runs PyTorch's forward. With several threads, OpenBLAS
@@ -32,12 +33,20 @@ import torch
 from .attention import KVCache
 
 
-def usable(model, idx, caches):
-    """Whether model(idx, caches=caches) can take the numpy step (see the module's docstring)."""
+def usable_weights(model, idx, caches):
+    """The weights token_logits reads (numpy views, see _weights) when model(idx,
+    caches=caches) can take the numpy step (see the module's docstring), else None."""
     weight = model.wte.weight
-    return (caches is not None and tuple(idx.shape) == (1, 1) and idx.device.type == "cpu"
+    if (caches is not None and tuple(idx.shape) == (1, 1) and idx.device.type == "cpu"
             and not torch.is_grad_enabled() and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and len(caches) == len(model.blocks) and _one_sequence(caches) and _weights(model) is not None)
+            and len(caches) == len(model.blocks) and _one_sequence(caches)):
+        return _weights(model)
+    return None
+
+
+def usable(model, idx, caches):
+    """Whether model(idx, caches=caches) can take the numpy step."""
+    return usable_weights(model, idx, caches) is not None
 
 
 def _one_sequence(caches):
@@ -88,16 +97,17 @@ def _weights(model):
 _VIEWS = weakref.WeakKeyDictionary()
 
 
-def token_logits(model, token_id, caches):
+def token_logits(model, token_id, caches, weights=None):
     """The logits (V,) after one more token: Llama.forward for idx = [[token_id]] with
     the KV caches `caches` (one per block, each holding (1, H_kv, T, d)), which it
-    extends by the token's keys and values."""
+    extends by the token's keys and values. weights: usable_weights' answer, when
+    the caller has it (else the model's are looked up again)."""
     from .llama import rope_angles
     c = model.config
     H, H_kv, d = c.n_head, c.n_kv_head, c.head_size
     if not 0 <= token_id < c.vocab_size:
         raise IndexError(f"token id {token_id} is out of range [0, {c.vocab_size})")
-    layers, (w_norm, w_head, w_embed) = _weights(model)
+    layers, (w_norm, w_head, w_embed) = weights if weights is not None else _weights(model)
     T = len(caches[0]) + 1                                                     # positions after this token
     angles = rope_angles(torch.tensor([T - 1]), d, c.rope_base)[0]             # (d/2,), as the torch path
     # rotary pairs (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin), as

@@ -174,8 +174,7 @@ def dequantized_state(reader, dtype=torch.float32, path="the file"):
         if not values.flags.writeable:                             # float32 tensors: a view of the file
             values = values.copy()
         end = start + torch.Size(shape).numel()
-        state[_our_name(t.name)] = buffer[start:end].view(shape)
-        state[_our_name(t.name)].copy_(torch.from_numpy(values.reshape(shape)))
+        state[_our_name(t.name)] = buffer[start:end].view(shape).copy_(torch.from_numpy(values.reshape(shape)))
         start = end
     return state
 

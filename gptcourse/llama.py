@@ -303,9 +303,10 @@ class Llama(nn.Module):
         One float32 token on the CPU with a cache and no gradient takes the
         same step written against numpy (gptcourse.cpu_decode: the same numbers to
         float32 rounding, faster, since a decoding step is hundreds of small operations)."""
-        if targets is None and cpu_decode.usable(self, idx, caches):
+        weights = cpu_decode.usable_weights(self, idx, caches) if targets is None else None
+        if weights is not None:
             check_forward_inputs(idx, targets, caches, self.config.block_size)
-            return cpu_decode.token_logits(self, int(idx[0, 0]), caches).view(1, 1, -1), None
+            return cpu_decode.token_logits(self, int(idx[0, 0]), caches, weights).view(1, 1, -1), None
         logits = self.lm_head(self.features(idx, caches, targets)).float()             # (B, T, V)
         loss = None
         if targets is not None:
