@@ -360,10 +360,20 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
     named = called.function.name if called is not None else None
     prefill = named_prefill(named, _keyed(called)) if called is not None else tool_prefill(req)
     prompt_ids = prompt_for(prefill)
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_tokens = completion_budget(req, len(prompt_ids), max_tokens_cap, default_max_tokens,
                                    max_context if chatml else None)
-    sampling = SamplingParams(
+    sampling = _sampling(req, tokenizer, stops, stop_ids, prefill)
+    return PreparedRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
+                           cache_salt=req.cache_salt, prefill=prefill,
+                           tool_names=frozenset(t.function.name for t in tools), named=named,
+                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+
+def _sampling(req, tokenizer, stops, stop_ids, prefill):
+    """The request's SamplingParams: its own stop strings after the format's `stops`, and
+    "</tool_call>" when the server began a call (prefill)."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         stop=tuple(stops) + tuple(stop) + (("</tool_call>",) if prefill else ()), stop_ids=stop_ids,
@@ -371,7 +381,3 @@ def prepare(req, tokenizer, chatml, default_system, max_tokens_cap, default_max_
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=token_bias(req.logit_bias, tokenizer.vocab_size))
-    return PreparedRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling,
-                           cache_salt=req.cache_salt, prefill=prefill,
-                           tool_names=frozenset(t.function.name for t in tools), named=named,
-                           include_usage=bool(req.stream_options and req.stream_options.include_usage))
